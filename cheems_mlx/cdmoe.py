@@ -1,0 +1,130 @@
+"""Cross domain mixture of experts (CDMoE, Wonderful Matrices section 3.3) and the dense
+gated MLP.
+
+A shared gated MLP (the cross-domain expert) plus E rank-1 experts; expert i is row i
+of ``down_embed`` and row i of ``up_embed``. Experts are retrieved with product keys:
+two sets of K = floor(sqrt(E)) sub-keys, scores s_x and s_y, candidate i*K + j scored
+s_x[i] + s_y[j]; the top-k candidates of the top-k x top-k grid are exactly the top-k
+of all K^2 sums.
+
+    w   = softmax(top-k scores)                      (per retrieval head)
+    out = shared_mlp(x) + sum_{h,k} silu(x . down_embed[idx]) * w * up_embed[idx]
+
+Two routers:
+- ``queries`` (Cheems): He retrieval heads, q = x @ Wq.T viewed (2, He, dr/2),
+  sub-keys ``keys`` (He, K, 2, dr/2); k = ``num_experts_per_tok`` experts per head.
+- ``router_gate`` (Doge): one head, logits = x @ Wr.T of size 2K.
+
+``moe_routing`` chooses how Doge router logits are split into the x and y halves:
+- ``per_token``: logits[..., :K] and logits[..., K:] of the same token (causal);
+- ``transformers_reshape``: the reference code's ``view(2, batch*seq, K)``, a raw memory
+  reshape that gives token n the x-logits of token n//2 and the y-logits of token
+  N/2 + n//2 (non-causal across a full forward, kept by transformers so checkpoints
+  reproduce). Imported Doge checkpoints default to it for exact parity.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ROUTERS = ("queries", "router_gate")
+ROUTINGS = ("per_token", "transformers_reshape")
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        d, F, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(d, F, bias=bias)
+        self.up_proj = nn.Linear(d, F, bias=bias)
+        self.down_proj = nn.Linear(F, d, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def topk_with_indices(scores: mx.array, k: int):
+    """Unordered top-k along the last axis: (values, indices)."""
+    idx = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(scores, idx, axis=-1), idx
+
+
+def product_key_topk(sx: mx.array, sy: mx.array, num_keys: int, k: int):
+    """Top-k of {sx[i] + sy[j]} with expert index i * num_keys + j.
+    sx, sy: (..., K). Returns scores (..., k) and indices (..., k)."""
+    kk = min(k, num_keys)
+    vx, ix = topk_with_indices(sx, kk)
+    vy, iy = topk_with_indices(sy, kk)
+    grid = (vx[..., :, None] + vy[..., None, :]).reshape(*vx.shape[:-1], kk * kk)
+    grid_idx = (ix[..., :, None] * num_keys + iy[..., None, :]).reshape(*ix.shape[:-1], kk * kk)
+    scores, pos = topk_with_indices(grid, k)
+    indices = mx.take_along_axis(grid_idx, pos, axis=-1)
+    return scores, mx.stop_gradient(indices)
+
+
+class CDMoE(MLP):
+    def __init__(self, args):
+        super().__init__(args)
+        d = args.hidden_size
+        self.num_experts = args.num_experts
+        self.num_keys = math.isqrt(args.num_experts)
+        self.top_k = args.num_experts_per_tok
+        self.router = args.moe_router
+        self.routing = args.moe_routing
+        self.norm_topk_prob = args.norm_topk_prob
+        if self.router == "queries":
+            self.num_heads = args.num_expert_heads
+            self.retrieval_size = args.expert_retrieval_size
+            self.queries = nn.Linear(d, self.num_heads * self.retrieval_size, bias=False)
+            scale = self.retrieval_size**-0.5
+            self.keys = mx.random.uniform(
+                -scale, scale, (self.num_heads, self.num_keys, 2, self.retrieval_size // 2)
+            )
+        elif self.router == "router_gate":
+            self.num_heads = 1
+            self.router_gate = nn.Linear(d, 2 * self.num_keys, bias=False)
+        else:
+            raise ValueError(f"unknown moe_router {self.router!r}; expected one of {ROUTERS}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"unknown moe_routing {self.routing!r}; expected one of {ROUTINGS}")
+        self.down_embed = nn.Embedding(self.num_experts, d)
+        self.up_embed = nn.Embedding(self.num_experts, d)
+
+    def sub_key_scores(self, x: mx.array):
+        """s_x, s_y of shape (b, l, He, K)."""
+        b, l, _ = x.shape
+        K = self.num_keys
+        if self.router == "queries":
+            q = self.queries(x).reshape(b, l, 2, self.num_heads, self.retrieval_size // 2)
+            keys = self.keys.astype(q.dtype)
+            sx = mx.einsum("blhn,hkn->blhk", q[:, :, 0], keys[:, :, 0])
+            sy = mx.einsum("blhn,hkn->blhk", q[:, :, 1], keys[:, :, 1])
+            return sx, sy
+        logits = self.router_gate(x)  # (b, l, 2K)
+        if self.routing == "transformers_reshape":
+            halves = logits.reshape(2, b * l, K)
+            return halves[0].reshape(b, l, 1, K), halves[1].reshape(b, l, 1, K)
+        return logits[..., None, :K], logits[..., None, K:]
+
+    def route(self, x: mx.array):
+        """Routing weights (b, l, He, k) float32 and expert indices (b, l, He, k)."""
+        sx, sy = self.sub_key_scores(x)
+        scores, indices = product_key_topk(
+            sx.astype(mx.float32), sy.astype(mx.float32), self.num_keys, self.top_k
+        )
+        weights = mx.softmax(scores, axis=-1, precise=True)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights, indices
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, l, d = x.shape
+        weights, indices = self.route(x)
+        down = self.down_embed(indices)  # (b, l, He, k, d)
+        up = self.up_embed(indices)  # (b, l, He, k, d)
+        expert_in = (down @ x[:, :, None, :, None]).squeeze(-1)  # (b, l, He, k)
+        expert_w = nn.silu(expert_in) * weights.astype(x.dtype)
+        flat_w = expert_w.reshape(b, l, 1, -1)  # (b, l, 1, He*k)
+        experts = (flat_w @ up.reshape(b, l, -1, d)).squeeze(-2)  # (b, l, d)
+        return super().__call__(x) + experts

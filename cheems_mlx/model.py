@@ -1,0 +1,249 @@
+"""The Cheems decoder stack (and the Doge models, which are Cheems without SSD layers).
+
+    h = embed[ids]                                   # no sqrt(d) scale
+    for i in range(n_layers):
+        mixer = attention if layer_types[i] == "attn" else ssd
+        h = res_seq[i]   * h + mixer(rms_norm(h))     # learned residual vectors
+        h = res_state[i] * h + ffn(rms_norm(h))       # gated MLP or CDMoE
+    logits = rms_norm(h) @ lm_head.T                  # lm_head tied to embed when configured
+
+Native weight names are the official Cheems ones (``model.word_embed``,
+``layers.{i}.pre_sequence_layernorm``, ``.ssd`` / ``.attn``, ``.post_sequence_residual``,
+``.pre_state_layernorm``, ``.feed_forward``, ``.post_state_residual``,
+``model.final_layernorm``, ``lm_head``); ``sanitize`` maps the Doge formats onto them.
+
+This module is also an mlx-lm model module: ``ModelArgs``, ``Model`` with ``layers``,
+``make_cache``, ``sanitize``, ``quant_predicate`` and ``cast_predicate``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache, RotatingKVCache
+
+from .cdmoe import CDMoE, MLP
+from .dma import MASK_RULES, DynamicMaskAttention
+from .ssd import StateSpaceDuality
+
+LAYER_TYPES = ("ssd", "attn")
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "cheems"
+    vocab_size: int = 32768
+    hidden_size: int = 512
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    ssd_bias: bool = False
+    # hybrid pattern: explicit list, or attention where i % period == offset
+    layer_types: Optional[List[str]] = None
+    attn_layer_period: int = 8
+    attn_layer_offset: int = 7
+    # SSD
+    ssd_chunk_size: int = 256
+    ssd_rope: bool = True
+    # dynamic mask attention
+    keep_window_size: int = 2048
+    dynamic_mask_ratio: float = 0.0
+    dynamic_mask_rule: str = "keep_window"
+    dynamic_mask_heads: str = "kv"  # "kv": A/dt_proj sized Hkv (transformers Doge); "attention": H
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
+    # feed forward: dense gated MLP or CDMoE
+    is_moe: bool = False
+    moe_router: str = "queries"  # "queries" (Cheems) or "router_gate" (Doge)
+    moe_routing: str = "per_token"  # or "transformers_reshape" (Doge reference behaviour)
+    num_experts: int = 16384
+    num_experts_per_tok: int = 8
+    num_expert_heads: int = 4
+    expert_retrieval_size: int = 64
+    norm_topk_prob: bool = False
+    # where the weights came from (informational, written by the converter)
+    source_format: Optional[str] = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = [
+                "attn" if i % self.attn_layer_period == self.attn_layer_offset else "ssd"
+                for i in range(self.num_hidden_layers)
+            ]
+        self.validate()
+
+    def validate(self):
+        def fail(msg):
+            raise ValueError(f"invalid cheems config: {msg}")
+
+        if len(self.layer_types) != self.num_hidden_layers:
+            fail(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            fail(f"unknown layer types {bad}; expected {LAYER_TYPES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if "ssd" in self.layer_types and self.num_attention_heads * self.head_dim != self.hidden_size:
+            fail("SSD layers need num_attention_heads * head_dim == hidden_size")
+        if self.head_dim % 2:
+            fail(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.dynamic_mask_rule not in MASK_RULES:
+            fail(f"dynamic_mask_rule {self.dynamic_mask_rule!r} not in {MASK_RULES}")
+        if self.dynamic_mask_heads not in ("kv", "attention"):
+            fail(f"dynamic_mask_heads {self.dynamic_mask_heads!r} not in ('kv', 'attention')")
+        if self.ssd_chunk_size < 1:
+            fail("ssd_chunk_size must be positive")
+        if self.is_moe:
+            K = int(self.num_experts**0.5)
+            if K < 1 or self.num_experts_per_tok < 1 or self.num_experts_per_tok > K * K:
+                fail(
+                    f"num_experts_per_tok {self.num_experts_per_tok} must be in "
+                    f"[1, floor(sqrt(num_experts))^2 = {K * K}]"
+                )
+            if self.moe_router == "queries" and self.expert_retrieval_size % 2:
+                fail("expert_retrieval_size must be even")
+
+
+class Residual(nn.Module):
+    """Learned per-channel residual scale: ``weight * residual + update``."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+
+    def __call__(self, residual: mx.array, update: mx.array) -> mx.array:
+        return self.weight * residual + update
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        d, eps = args.hidden_size, args.rms_norm_eps
+        self.pre_sequence_layernorm = nn.RMSNorm(d, eps=eps)
+        if layer_type == "ssd":
+            self.ssd = StateSpaceDuality(args)
+        else:
+            self.attn = DynamicMaskAttention(args)
+        self.post_sequence_residual = Residual(d)
+        self.pre_state_layernorm = nn.RMSNorm(d, eps=eps)
+        self.feed_forward = CDMoE(args) if args.is_moe else MLP(args)
+        self.post_state_residual = Residual(d)
+
+    @property
+    def mixer(self):
+        return self.ssd if self.layer_type == "ssd" else self.attn
+
+    def __call__(self, h: mx.array, cache=None) -> mx.array:
+        h = self.post_sequence_residual(h, self.mixer(self.pre_sequence_layernorm(h), cache))
+        return self.post_state_residual(h, self.feed_forward(self.pre_state_layernorm(h)))
+
+
+class CheemsModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.word_embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, t) for t in args.layer_types]
+        self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = input_embeddings if input_embeddings is not None else self.word_embed(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.final_layernorm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = CheemsModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        h = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            return self.model.word_embed.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(
+        self,
+        left_padding: Optional[List[int]] = None,
+        max_kv_size: Optional[int] = None,
+    ):
+        """One cache per layer: SSD -> ArraysCache([state, offset]); attention ->
+        CacheList(K/V cache, per-key bias cache). ``left_padding`` builds batched caches
+        for left-padded prompts; ``max_kv_size`` bounds the attention caches."""
+
+        def kv():
+            if left_padding is not None:
+                return BatchKVCache(left_padding)
+            if max_kv_size is not None:
+                return RotatingKVCache(max_size=max_kv_size, keep=4)
+            return KVCache()
+
+        caches = []
+        for layer in self.layers:
+            if layer.layer_type == "ssd":
+                caches.append(ArraysCache(2, left_padding=left_padding))
+            else:
+                caches.append(CacheList(kv(), kv()))
+        return caches
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        from .convert.formats import native_weights
+
+        weights = native_weights(weights)
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+    @property
+    def quant_predicate(self):
+        """Keep the small, sensitive tensors in full precision: SSD and DMA ``dt_proj``
+        (A is a plain array and never quantized), the CDMoE router / retrieval queries,
+        norms and residual scales (vectors, skipped by nn.quantize anyway)."""
+
+        def predicate(path: str, module) -> bool:
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in ("dt_proj", "router_gate", "queries"):
+                return False
+            return True
+
+        return predicate
+
+    @property
+    def cast_predicate(self):
+        """Parameters kept in float32 when converting to a lower dtype."""
+
+        def predicate(path: str) -> bool:
+            return not (path.endswith(".A") or path.endswith(".keys"))
+
+        return predicate

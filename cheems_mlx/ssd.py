@@ -1,0 +1,192 @@
+"""State space duality (Mamba2 SSD) with rotary position embedding on B and C.
+
+The sequence transformation of the Cheems layers (Wonderful Matrices, section 3.1):
+
+    C  = rope(x @ Wc.T)   B = rope(x @ Wb.T)   X = x @ Wx.T        # (batch, seq, H, P)
+    dt = softplus(x @ Wdt.T)                                        # (batch, seq, H)
+    S_t = exp(dt_t * A) * S_{t-1} + (dt_t * X_t) (outer) B_t        # S: (batch, H, P, N=P)
+    y_t = S_t @ C_t                        out = concat_heads(y) @ Wout.T
+
+No conv1d, no z gate, no D skip, no dt bias. ``A`` is used exactly as stored (the
+official initialisation A = +1 makes states grow; new models here start with A < 0).
+
+Two numerically equivalent paths:
+- ``ssd_chunked_scan``: training / prefill, the four steps of the SSD algorithm
+  (diagonal blocks, chunk states, inter-chunk recurrence, state -> output), any length;
+- ``ssd_step``: the one-token recurrence used for decoding.
+Both run in float32 whatever the activation dtype; the decode state is float32.
+
+Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
+offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
+row's true token count when mlx-lm right-pads a batched prompt.
+"""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .rope import RotaryEmbedding
+
+
+def segsum(x: mx.array) -> mx.array:
+    """``out[..., i, j] = sum_{j < k <= i} x[..., k]`` for ``j <= i`` and ``-inf`` above
+    the diagonal, computed with a masked cumsum (no difference of large cumsums)."""
+    T = x.shape[-1]
+    idx = mx.arange(T)
+    strictly_lower = idx[:, None] > idx[None, :]  # (T, T), [k, j]: k > j
+    xr = mx.where(strictly_lower, x[..., :, None], 0.0)  # [..., k, j] = x[k] if k > j
+    out = mx.cumsum(xr, axis=-2)  # [..., i, j] = sum_{j < k <= i} x[k]
+    lower = idx[:, None] >= idx[None, :]
+    return mx.where(lower, out, -mx.inf)
+
+
+def ssd_chunked_scan(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    chunk_size: int,
+    initial_state: Optional[mx.array] = None,
+    mask: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """Chunked SSD scan.
+
+    x: (b, l, h, p)  dt: (b, l, h) (already softplus-ed)  A: (h,)
+    B, C: (b, l, h, n)  initial_state: (b, h, p, n) or None
+    mask: (b, l) bool or None -- masked positions neither decay nor write the state.
+    Returns y (b, l, h, p) float32 and the final state (b, h, p, n) float32.
+    """
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    Q = chunk_size
+    f32 = mx.float32
+    x, B, C, dt = x.astype(f32), B.astype(f32), C.astype(f32), dt.astype(f32)
+    dtA = dt * A.astype(f32)  # (b, l, h)
+    dtx = dt[..., None] * x  # (b, l, h, p)
+    if mask is not None:
+        dtA = mx.where(mask[..., None], dtA, 0.0)
+        dtx = mx.where(mask[..., None, None], dtx, 0.0)
+
+    pad = (-l) % Q
+    if pad:
+        dtA = mx.pad(dtA, [(0, 0), (0, pad), (0, 0)])
+        dtx = mx.pad(dtx, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        B = mx.pad(B, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        C = mx.pad(C, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    c = (l + pad) // Q
+    dtA = dtA.reshape(b, c, Q, h).transpose(0, 3, 1, 2)  # (b, h, c, Q)
+    dtx = dtx.reshape(b, c, Q, h, p)
+    B = B.reshape(b, c, Q, h, n)
+    C = C.reshape(b, c, Q, h, n)
+    A_cum = mx.cumsum(dtA, axis=-1)  # (b, h, c, Q) decay from chunk start, inclusive
+
+    # 1. diagonal blocks: y_t += sum_{s<=t in chunk} (C_t . B_s) exp(sum_{s<k<=t} dtA_k) dtx_s
+    decay = mx.exp(segsum(dtA))  # (b, h, c, Q, Q)
+    CB = mx.einsum("bclhn,bcshn->bhcls", C, B)
+    Y_diag = mx.einsum("bhcls,bcshp->bclhp", CB * decay, dtx)
+
+    # 2. chunk states: each chunk's own contribution to the state at its end
+    decay_to_end = mx.exp(mx.cumsum(dtA, axis=-1, reverse=True, inclusive=False))  # (b,h,c,Q)
+    weighted = dtx * decay_to_end.transpose(0, 2, 3, 1)[..., None]  # (b, c, Q, h, p)
+    states = mx.einsum("bclhn,bclhp->bchpn", B, weighted)  # (b, c, h, p, n)
+
+    # 3. inter-chunk recurrence: S_in[z] = sum_{c<z} exp(sum of chunk decays c+1..z-1) states[c]
+    if initial_state is None:
+        initial_state = mx.zeros((b, h, p, n), dtype=f32)
+    states = mx.concatenate([initial_state.astype(f32)[:, None], states], axis=1)  # (b,c+1,h,p,n)
+    chunk_decay = mx.pad(A_cum[..., -1], [(0, 0), (0, 0), (1, 0)])  # (b, h, c+1)
+    decay_chunk = mx.exp(segsum(chunk_decay))  # (b, h, c+1, c+1)
+    new_states = mx.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states_in, final_state = new_states[:, :-1], new_states[:, -1]
+
+    # 4. state -> output: y_t += exp(A_cum_t) C_t . S_in
+    Y_off = mx.einsum("bclhn,bchpn->bclhp", C, states_in)
+    Y_off = Y_off * mx.exp(A_cum).transpose(0, 2, 3, 1)[..., None]
+
+    y = (Y_diag + Y_off).reshape(b, c * Q, h, p)[:, :l]
+    return y, final_state
+
+
+def ssd_step(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    state: Optional[mx.array],
+    mask: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """One-token recurrence. x: (b, h, p), dt: (b, h), B/C: (b, h, n), state: (b, h, p, n).
+    mask: (b,) bool -- a masked row keeps its state. Returns y (b, h, p), new state."""
+    f32 = mx.float32
+    x, B, C, dt = x.astype(f32), B.astype(f32), C.astype(f32), dt.astype(f32)
+    dA = mx.exp(dt * A.astype(f32))  # (b, h)
+    dtx = dt[..., None] * x  # (b, h, p)
+    if mask is not None:
+        dA = mx.where(mask[:, None], dA, 1.0)
+        dtx = mx.where(mask[:, None, None], dtx, 0.0)
+    if state is None:
+        state = mx.zeros(x.shape + (B.shape[-1],), dtype=f32)
+    state = dA[..., None, None] * state + dtx[..., :, None] * B[..., None, :]
+    y = (state @ C[..., :, None]).squeeze(-1)
+    return y, state
+
+
+class StateSpaceDuality(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        d, H, P = args.hidden_size, args.num_attention_heads, args.head_dim
+        self.num_heads, self.head_dim = H, P
+        self.chunk_size = args.ssd_chunk_size
+        bias = args.ssd_bias
+        self.c_proj = nn.Linear(d, H * P, bias=bias)
+        self.b_proj = nn.Linear(d, H * P, bias=bias)
+        self.x_proj = nn.Linear(d, H * P, bias=bias)
+        self.dt_proj = nn.Linear(d, H, bias=bias)
+        # decay rate, used as stored; new models start stable: A = -(1..H)
+        self.A = -mx.arange(1, H + 1, dtype=mx.float32)
+        self.out_proj = nn.Linear(H * P, d, bias=bias)
+        self.rope = (
+            RotaryEmbedding(P, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+            if args.ssd_rope
+            else None
+        )
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        b, l, _ = x.shape
+        H, P = self.num_heads, self.head_dim
+        mask = cache.make_mask(l) if cache is not None else None  # (b, l) or None
+        if mask is not None:
+            x = mx.where(mask[..., None], x, 0)
+
+        C = self.c_proj(x).reshape(b, l, H, P)
+        B = self.b_proj(x).reshape(b, l, H, P)
+        X = self.x_proj(x).reshape(b, l, H, P)
+        dt = nn.softplus(self.dt_proj(x).astype(mx.float32))  # (b, l, H)
+
+        state = cache[0] if cache is not None else None
+        offset = cache[1] if cache is not None and cache[1] is not None else 0
+        if self.rope is not None:
+            C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
+            B = self.rope(B.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
+
+        if l == 1:
+            y, state = ssd_step(
+                X[:, 0], dt[:, 0], self.A, B[:, 0], C[:, 0], state,
+                None if mask is None else mask[:, 0],
+            )
+            y = y[:, None]
+        else:
+            y, state = ssd_chunked_scan(X, dt, self.A, B, C, self.chunk_size, state, mask)
+
+        if cache is not None:
+            cache[0] = state
+            if cache.lengths is not None:  # right-padded batch: advance by the true length
+                step = mx.clip(cache.lengths, 0, l).astype(mx.int32)
+            else:
+                step = mx.full((b,), l, dtype=mx.int32)
+            cache[1] = (offset + step).astype(mx.int32)
+            cache.advance(l)
+        return self.out_proj(y.reshape(b, l, H * P).astype(x.dtype))
