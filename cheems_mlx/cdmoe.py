@@ -78,7 +78,8 @@ class CDMoE(MLP):
             self.retrieval_size = args.expert_retrieval_size
             self.queries = nn.Linear(d, self.num_heads * self.retrieval_size, bias=False)
             scale = self.retrieval_size**-0.5
-            self.keys = mx.random.uniform(
+            # stored as a dict item: ``keys`` would shadow nn.Module's dict.keys()
+            self["keys"] = mx.random.uniform(
                 -scale, scale, (self.num_heads, self.num_keys, 2, self.retrieval_size // 2)
             )
         elif self.router == "router_gate":
@@ -97,7 +98,7 @@ class CDMoE(MLP):
         K = self.num_keys
         if self.router == "queries":
             q = self.queries(x).reshape(b, l, 2, self.num_heads, self.retrieval_size // 2)
-            keys = self.keys.astype(q.dtype)
+            keys = self["keys"].astype(q.dtype)
             sx = mx.einsum("blhn,hkn->blhk", q[:, :, 0], keys[:, :, 0])
             sy = mx.einsum("blhn,hkn->blhk", q[:, :, 1], keys[:, :, 1])
             return sx, sy

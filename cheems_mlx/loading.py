@@ -1,0 +1,104 @@
+"""``cheems_mlx.load``: a converted model folder (or Hub repo id) -> (model, tokenizer).
+
+Loading goes through mlx-lm's own ``load_model`` / ``load_tokenizer`` (quantized
+weights, lazy loading, adapters and tokenizer wrapping come from there); only the
+model classes are ours, passed in directly so no ``--trust-remote-code`` is needed.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+from mlx_lm.utils import load_adapters, load_model, load_tokenizer
+
+from .model import Model, ModelArgs
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+class LoadError(RuntimeError):
+    """A model folder that cannot be loaded; the message says why and what to do."""
+
+
+def resolve_model_path(path_or_repo: Optional[Union[str, Path]], revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise a Hub repo id fetched (or found in the cache)."""
+    if path_or_repo is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise LoadError(
+                f"the embedded default model is not installed ({DEFAULT_MODEL_DIR} has no "
+                "config.json); pass --model PATH_OR_REPO"
+            )
+        return DEFAULT_MODEL_DIR
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path} is a file; expected a model folder")
+        return path
+    looks_local = str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1
+    if looks_local:
+        raise LoadError(f"model folder {path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise LoadError(
+            f"could not fetch {path_or_repo!r} from the Hugging Face Hub and it is not in the "
+            f"local cache{hint}: {type(e).__name__}"
+        ) from None
+
+
+def read_config(path: Path) -> Dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise LoadError(f"{cfg_file} not found; is {path} a model folder?")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    if config.get("model_type") != "cheems" or "source_format" not in config:
+        raise LoadError(
+            f"{path} is not a converted cheems_mlx model (model_type={config.get('model_type')!r}); "
+            f"convert it first: python -m cheems_mlx.convert --hf-path {path} --mlx-path <out>"
+        )
+    return config
+
+
+def load_model_only(path: Path, lazy: bool = False, model_config: Optional[dict] = None):
+    read_config(path)
+    overrides = {"model_file": None}  # we pass our classes directly; never exec the folder's file
+    overrides.update(model_config or {})
+    try:
+        return load_model(
+            path, lazy=lazy, model_config=overrides, get_model_classes=lambda config: (Model, ModelArgs)
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise LoadError(f"could not load the weights in {path}: {e}") from None
+
+
+def load(
+    path_or_repo: Optional[Union[str, Path]] = None,
+    tokenizer_config: Optional[Dict[str, Any]] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    adapter_path: Optional[str] = None,
+    lazy: bool = False,
+    revision: Optional[str] = None,
+    return_config: bool = False,
+) -> Tuple:
+    """Load a converted model and its tokenizer (mlx-lm's ``TokenizerWrapper``).
+
+    ``path_or_repo=None`` loads the embedded default model.
+    """
+    path = resolve_model_path(path_or_repo, revision)
+    model, config = load_model_only(path, lazy=lazy, model_config=model_config)
+    if adapter_path is not None:
+        model = load_adapters(model, adapter_path)
+        model.eval()
+    tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer
