@@ -46,7 +46,7 @@ class MLP(nn.Module):
 
 def topk_with_indices(scores: mx.array, k: int):
     """Unordered top-k along the last axis: (values, indices)."""
-    idx = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
+    idx = mx.stop_gradient(mx.argpartition(-scores, k - 1, axis=-1)[..., :k])
     return mx.take_along_axis(scores, idx, axis=-1), idx
 
 

@@ -1,0 +1,168 @@
+"""``python -m cheems_mlx.generate``: text generation with mlx-lm's flags and machinery.
+
+Sampling, streaming detokenization, chat templates, prompt caches and KV-cache
+quantization are mlx-lm's (``stream_generate``, ``make_sampler``); this file adds the
+model loading (no ``--trust-remote-code`` needed, the embedded default model when
+``--model`` is omitted), ``--max-kv-size`` for our hybrid caches, and input checks
+that fail with one clear line instead of a traceback.
+"""
+
+import argparse
+import json
+import sys
+
+import mlx.core as mx
+
+DEFAULT_PROMPT = "In the beginning"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cheems_mlx.generate", description="Generate text with a Cheems / Doge model.")
+    p.add_argument("--model", type=str, default=None, help="converted model folder or Hub repo id (default: the embedded model)")
+    p.add_argument("--adapter-path", type=str, default=None, help="LoRA adapter folder")
+    p.add_argument("--prompt", "-p", type=str, default=DEFAULT_PROMPT, help="prompt text, '-' reads stdin")
+    p.add_argument("--system-prompt", type=str, default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--chat-template-config", type=str, default=None, help="JSON of extra chat template arguments")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-tokens-to-keep", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-kv-size", type=int, default=None, help="bound the attention caches (rotating)")
+    p.add_argument("--prompt-cache-file", type=str, default=None, help="a cache saved by mlx_lm.cache_prompt")
+    p.add_argument("--kv-bits", type=int, default=None)
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--quantized-kv-start", type=int, default=5000)
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--extra-eos-token", type=str, nargs="+", default=())
+    p.add_argument("--verbose", action="store_true", help="print prompt / generation speed and peak memory")
+    return p
+
+
+class UsageError(ValueError):
+    pass
+
+
+def check_args(a):
+    if a.temp < 0:
+        raise UsageError(f"--temp must be >= 0 (got {a.temp})")
+    if not 0 < a.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (got {a.top_p})")
+    if not 0 <= a.min_p <= 1:
+        raise UsageError(f"--min-p must be in [0, 1] (got {a.min_p})")
+    if a.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (got {a.top_k})")
+    if a.max_tokens == 0 or a.max_tokens < -1:
+        raise UsageError(f"--max-tokens must be positive or -1 for no limit (got {a.max_tokens})")
+    if a.max_kv_size is not None and a.max_kv_size < 1:
+        raise UsageError(f"--max-kv-size must be positive (got {a.max_kv_size})")
+    if a.prefill_step_size < 1:
+        raise UsageError("--prefill-step-size must be positive")
+    if a.kv_bits is not None and a.kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise UsageError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8 (got {a.kv_bits})")
+
+
+def encode_prompt(tokenizer, a, prompt_text: str):
+    use_chat = not a.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat:
+        messages = [] if a.system_prompt is None else [{"role": "system", "content": a.system_prompt}]
+        messages.append({"role": "user", "content": prompt_text})
+        extra = json.loads(a.chat_template_config) if a.chat_template_config else {}
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    elif a.system_prompt is not None:
+        prompt_text = a.system_prompt + "\n" + prompt_text
+    return tokenizer.encode(prompt_text, add_special_tokens=not use_chat)
+
+
+def run(a) -> int:
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.models.cache import load_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    from .loading import load
+
+    check_args(a)
+    prompt_text = a.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt_text == "-":
+        prompt_text = sys.stdin.read()
+    if not prompt_text.strip():
+        raise UsageError("the prompt is empty")
+    if a.seed is not None:
+        mx.random.seed(a.seed)
+
+    prompt_cache, model_ref = None, a.model
+    if a.prompt_cache_file is not None:
+        try:
+            prompt_cache, meta = load_prompt_cache(a.prompt_cache_file, return_metadata=True)
+        except Exception as e:
+            raise UsageError(f"cannot read prompt cache {a.prompt_cache_file}: {e}") from None
+        if model_ref is None:
+            model_ref = meta.get("model")
+        elif meta.get("model") not in (None, model_ref):
+            raise UsageError(f"the prompt cache was made with model {meta['model']!r}, not {model_ref!r}")
+
+    model, tokenizer, config = load(model_ref, adapter_path=a.adapter_path, return_config=True)
+    for tok in a.extra_eos_token:
+        tokenizer.add_eos_token(tok)
+    prompt = encode_prompt(tokenizer, a, prompt_text)
+
+    context = int(config.get("max_position_embeddings", 0) or 0)
+    extends = bool(config.get("rope_scaling"))
+    if context and not extends:
+        if len(prompt) > context:
+            raise UsageError(
+                f"the prompt has {len(prompt)} tokens, more than the model's context of {context}"
+            )
+        room = context - len(prompt)
+        if a.max_tokens == -1 or a.max_tokens > room:
+            print(f"[note] generation capped at {room} tokens by the model's context of {context}", file=sys.stderr)
+            a.max_tokens = max(1, room)
+
+    if prompt_cache is None and a.max_kv_size is not None:
+        prompt_cache = model.make_cache(max_kv_size=a.max_kv_size)
+
+    sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
+    response = None
+    for response in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=a.max_tokens,
+        sampler=sampler,
+        prompt_cache=prompt_cache,
+        prefill_step_size=a.prefill_step_size,
+        kv_bits=a.kv_bits,
+        kv_group_size=a.kv_group_size,
+        quantized_kv_start=a.quantized_kv_start,
+    ):
+        print(response.text, end="", flush=True)
+    print()
+    if a.verbose and response is not None:
+        print("=" * 10, file=sys.stderr)
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
+        print(
+            f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
+            file=sys.stderr,
+        )
+        print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .loading import LoadError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return run(a)
+    except (UsageError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

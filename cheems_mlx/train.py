@@ -1,0 +1,432 @@
+"""Pretraining a Cheems model from scratch on plain text.
+
+    python -m cheems_mlx.train prepare --text corpus.txt --out data/ --vocab-size 4096
+    python -m cheems_mlx.train fit --data data/ --model-config model.json --out run/ --steps 2000
+    python -m cheems_mlx.train export --run run/ --out my-model/ --dtype float16
+
+``prepare``: documents are separated by blank lines; every ``1/val_fraction``-th
+document goes to the held-out split. A sentencepiece BPE tokenizer (byte fallback)
+is trained on the training split and saved in the Hugging Face layout, so mlx-lm's
+tokenizer wrapper loads it. Tokens: ``<s> doc </s>`` concatenated, uint16/uint32 .npy.
+
+``fit``: AdamW with linear warmup and cosine decay, gradient clipping, a progress bar,
+validation loss every ``--eval-every`` steps, checkpoints (model + optimizer + step)
+every ``--save-every`` steps, exact resume (each step's batch is drawn from an RNG
+seeded by (seed, step)), ``metrics.jsonl`` and a loss-curve PNG.
+
+``export``: a model folder (config.json, model.safetensors, tokenizer files) that
+``cheems_mlx.load`` and ``python -m cheems_mlx.generate`` read.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .model import Model, ModelArgs
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def read_documents(paths: List[Path]) -> List[str]:
+    docs = []
+    for p in paths:
+        if not p.exists():
+            raise TrainError(f"text file {p} does not exist")
+        text = p.read_text(encoding="utf-8", errors="strict")
+        docs.extend(d.strip() for d in text.split("\n\n") if d.strip())
+    if not docs:
+        raise TrainError("no text found in the input files")
+    return docs
+
+
+def train_tokenizer(train_docs: List[str], out: Path, vocab_size: int):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp_input = out / "tokenizer_train.txt"
+    sp_input.write_text("\n".join(train_docs) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(sp_input),
+        model_prefix=str(out / "sp"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        max_sentence_length=1 << 20,
+        num_threads=2,
+        minloglevel=2,
+    )
+    sp_input.unlink()
+    (out / "sp.vocab").unlink(missing_ok=True)
+    (out / "sp.model").rename(out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+            },
+            indent=2,
+        )
+    )
+    # write the fast (tokenizer.json) form too: mlx-lm then streams with its SPM detokenizer
+    AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(out))
+
+
+def encode_documents(out: Path, docs: List[str]) -> np.ndarray:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = []
+    for piece in sp.encode(docs):
+        ids.append(sp.bos_id())
+        ids.extend(piece)
+        ids.append(sp.eos_id())
+    dtype = np.uint16 if sp.get_piece_size() < 65536 else np.uint32
+    return np.array(ids, dtype=dtype)
+
+
+def prepare(texts: List[Path], out: Path, vocab_size: int, val_fraction: float) -> Dict:
+    if not 0 < val_fraction < 0.5:
+        raise TrainError("--val-fraction must be in (0, 0.5)")
+    docs = read_documents(texts)
+    every = max(2, round(1 / val_fraction))
+    val_docs = [d for i, d in enumerate(docs) if i % every == every - 1]
+    train_docs = [d for i, d in enumerate(docs) if i % every != every - 1]
+    if not val_docs:
+        raise TrainError(f"only {len(docs)} documents: too few for a held-out split")
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(train_docs, out, vocab_size)
+    train_ids, val_ids = encode_documents(out, train_docs), encode_documents(out, val_docs)
+    np.save(out / "train.npy", train_ids)
+    np.save(out / "val.npy", val_ids)
+    info = {
+        "documents": {"train": len(train_docs), "val": len(val_docs)},
+        "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
+        "vocab_size": vocab_size,
+        "sources": [str(p) for p in texts],
+    }
+    (out / "data.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def load_split(data: Path, name: str) -> np.ndarray:
+    f = data / f"{name}.npy"
+    if not f.exists():
+        raise TrainError(f"{f} not found; run `python -m cheems_mlx.train prepare` first")
+    return np.load(f, mmap_mode="r")
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int):
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, tokens.size - seq_len - 1, batch_size)
+    rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+    return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
+    """Non-overlapping windows from the start of the held-out split (deterministic)."""
+    n = min(max_batches * batch_size, (tokens.size - 1) // seq_len)
+    windows = [tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]
+    for i in range(0, n, batch_size):
+        rows = np.stack(windows[i : i + batch_size]).astype(np.int32)
+        yield mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
+
+
+def loss_fn(model, inputs, targets):
+    logits = model(inputs)
+    return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
+
+
+def evaluate(model, tokens, batch_size, seq_len, max_batches) -> float:
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
+        logits = model(x).astype(mx.float32)
+        total += nn.losses.cross_entropy(logits, y, reduction="sum").item()
+        count += y.size
+    return total / max(count, 1)
+
+
+def learning_rate(step, lr, warmup, total, min_lr):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(run: Path, model, optimizer, step: int, metrics_meta: Dict):
+    ckpt = run / "checkpoints" / f"step_{step:07d}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    opt_state = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+    (tmp / "state.json").write_text(json.dumps({"step": step, **metrics_meta}, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    (run / "checkpoints" / "latest").write_text(ckpt.name)
+    return ckpt
+
+
+def latest_checkpoint(run: Path) -> Optional[Path]:
+    marker = run / "checkpoints" / "latest"
+    if not marker.exists():
+        return None
+    ckpt = run / "checkpoints" / marker.read_text().strip()
+    return ckpt if ckpt.exists() else None
+
+
+def plot_losses(run: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(run.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=110)
+    plt.close(fig)
+
+
+def fit(
+    data: Path,
+    model_config: Path,
+    run: Path,
+    steps: int,
+    batch_size: int = 16,
+    seq_len: int = 256,
+    lr: float = 3e-3,
+    min_lr: float = 3e-4,
+    warmup: int = 100,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    eval_every: int = 200,
+    eval_batches_n: int = 16,
+    save_every: int = 200,
+    seed: int = 0,
+    resume: bool = False,
+    log_every: int = 10,
+):
+    from tqdm import tqdm
+
+    train_tokens, val_tokens = load_split(data, "train"), load_split(data, "val")
+    run.mkdir(parents=True, exist_ok=True)
+    cfg_path = run / "model_config.json"
+    if resume:
+        if not cfg_path.exists():
+            raise TrainError(f"--resume: {run} holds no run to resume")
+        config = json.loads(cfg_path.read_text())
+    else:
+        if latest_checkpoint(run) is not None:
+            raise TrainError(f"{run} already holds checkpoints; pass --resume or another --out")
+        config = json.loads(Path(model_config).read_text())
+        data_info = json.loads((data / "data.json").read_text())
+        config.setdefault("vocab_size", data_info["vocab_size"])
+        cfg_path.write_text(json.dumps(config, indent=2))
+        (run / "train_args.json").write_text(
+            json.dumps(
+                dict(data=str(data), steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                     min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                     seed=seed),
+                indent=2,
+            )
+        )
+    args = ModelArgs.from_dict(config)
+    mx.random.seed(seed)
+    model = Model(args)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    schedule = lambda s: learning_rate(s, lr, warmup, steps, min_lr)  # noqa: E731
+    optimizer = optim.AdamW(learning_rate=lr, weight_decay=weight_decay)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            raise TrainError(f"--resume: no checkpoint in {run}/checkpoints")
+        model.load_weights(str(ckpt / "model.safetensors"))
+        optimizer.init(model.trainable_parameters())
+        opt = mx.load(str(ckpt / "optimizer.safetensors"))
+        optimizer.state = tree_unflatten(list(opt.items()))
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+        print(f"resuming from {ckpt} (step {start})", file=sys.stderr)
+        # drop metrics logged after that checkpoint so the curve has no duplicates
+        rows = [l for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        rows = [l for l in rows if json.loads(l)["step"] <= start]
+        (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+    else:
+        (run / "metrics.jsonl").write_text("")
+    mx.eval(model.parameters())
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+
+    @mx.compile
+    def compiled_step(x, y, lr_now):
+        loss, grads = value_and_grad(model, x, y)
+        grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.learning_rate = lr_now
+        optimizer.update(model, grads)
+        return loss, norm
+
+    step_fn = mx.compile(compiled_step, inputs=state, outputs=state)
+    metrics = open(run / "metrics.jsonl", "a")
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters, layers {args.layer_types}; "
+        f"train {train_tokens.size:,} tokens, val {val_tokens.size:,} tokens",
+        file=sys.stderr,
+    )
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    tic, tok_since, last = time.perf_counter(), 0, {}
+    for step in range(start, steps):
+        x, y = sample_batch(train_tokens, batch_size, seq_len, seed, step)
+        loss, norm = step_fn(x, y, mx.array(schedule(step), dtype=mx.float32))
+        mx.eval(state, loss)
+        tok_since += x.size
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            dt = time.perf_counter() - tic
+            last = {"step": done, "train_loss": loss.item(), "lr": schedule(step),
+                    "grad_norm": norm.item(), "tokens_per_sec": tok_since / dt}
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+            tic, tok_since = time.perf_counter(), 0
+        if done % eval_every == 0 or done == steps:
+            val = evaluate(model, val_tokens, batch_size, seq_len, eval_batches_n)
+            row = {"step": done, "val_loss": val, "val_ppl": math.exp(val)}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.write(f"step {done}: val loss {val:.4f}, ppl {math.exp(val):.2f}")
+            tic = time.perf_counter()
+        if done % save_every == 0 or done == steps:
+            save_checkpoint(run, model, optimizer, done, {"train_loss": last.get("train_loss")})
+            plot_losses(run)
+            tic = time.perf_counter()
+        bar.update(1)
+    bar.close()
+    metrics.close()
+    return model
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(run: Path, data: Optional[Path], out: Path, dtype: str = "float16", force: bool = False):
+    from .io import save_model_dir
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise TrainError(f"no checkpoint in {run}/checkpoints")
+    config = json.loads((run / "model_config.json").read_text())
+    if data is None:
+        data = Path(json.loads((run / "train_args.json").read_text())["data"])
+    model = Model(ModelArgs.from_dict(config))
+    model.load_weights(str(ckpt / "model.safetensors"))
+    extra = [data / f for f in TOKENIZER_FILES if (data / f).exists()]
+    config = {**config, "model_type": "cheems", "source_format": "cheems_mlx"}
+    return save_model_dir(model, config, out, dtype=dtype, extra_files=extra, force=force)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m cheems_mlx.train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="train a tokenizer and tokenize a text corpus")
+    pp.add_argument("--text", type=Path, nargs="+", required=True)
+    pp.add_argument("--out", type=Path, required=True)
+    pp.add_argument("--vocab-size", type=int, default=4096)
+    pp.add_argument("--val-fraction", type=float, default=0.05)
+    pf = sub.add_parser("fit", help="train a model on prepared data")
+    pf.add_argument("--data", type=Path, required=True)
+    pf.add_argument("--model-config", type=Path, help="JSON of ModelArgs fields (not needed with --resume)")
+    pf.add_argument("--out", type=Path, required=True, help="run folder")
+    pf.add_argument("--steps", type=int, required=True)
+    pf.add_argument("--batch-size", type=int, default=16)
+    pf.add_argument("--seq-len", type=int, default=256)
+    pf.add_argument("--lr", type=float, default=3e-3)
+    pf.add_argument("--min-lr", type=float, default=3e-4)
+    pf.add_argument("--warmup", type=int, default=100)
+    pf.add_argument("--weight-decay", type=float, default=0.1)
+    pf.add_argument("--grad-clip", type=float, default=1.0)
+    pf.add_argument("--eval-every", type=int, default=200)
+    pf.add_argument("--eval-batches", type=int, default=16)
+    pf.add_argument("--save-every", type=int, default=200)
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--resume", action="store_true")
+    pe = sub.add_parser("export", help="write a model folder from a run's latest checkpoint")
+    pe.add_argument("--run", type=Path, required=True)
+    pe.add_argument("--data", type=Path, help="prepared data folder (tokenizer); default: the run's")
+    pe.add_argument("--out", type=Path, required=True)
+    pe.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    pe.add_argument("--force", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "prepare":
+            info = prepare(a.text, a.out, a.vocab_size, a.val_fraction)
+            print(json.dumps(info, indent=2))
+        elif a.cmd == "fit":
+            if not a.resume and a.model_config is None:
+                raise TrainError("--model-config is required unless --resume")
+            if a.steps < 1 or a.batch_size < 1 or a.seq_len < 2:
+                raise TrainError("--steps, --batch-size must be >= 1 and --seq-len >= 2")
+            fit(a.data, a.model_config, a.out, a.steps, a.batch_size, a.seq_len, a.lr, a.min_lr,
+                a.warmup, a.weight_decay, a.grad_clip, a.eval_every, a.eval_batches, a.save_every,
+                a.seed, a.resume)
+        else:
+            path = export(a.run, a.data, a.out, a.dtype, a.force)
+            print(f"wrote {path}")
+    except (TrainError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
