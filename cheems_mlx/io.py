@@ -84,7 +84,7 @@ def save_model_dir(
         if dtype is not None:
             cast_model(model, dtype)
         save_model(tmp, model, donate_model=False)
-        config = {k: v for k, v in config.items() if v is not None or k == "rope_scaling"}
+        config = {k: v for k, v in config.items() if v is not None}
         config["model_file"] = SHIM_NAME
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SHIM_NAME).write_text(SHIM)

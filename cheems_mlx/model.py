@@ -2,7 +2,7 @@
 
     h = embed[ids]                                   # no sqrt(d) scale
     for i in range(n_layers):
-        mixer = attention if layer_types[i] == "attn" else ssd
+        mixer = attention if layers_type[i] == "attn" else ssd
         h = res_seq[i]   * h + mixer(rms_norm(h))     # learned residual vectors
         h = res_state[i] * h + ffn(rms_norm(h))       # gated MLP or CDMoE
     logits = rms_norm(h) @ lm_head.T                  # lm_head tied to embed when configured
@@ -50,7 +50,10 @@ class ModelArgs(BaseModelArgs):
     attention_bias: bool = False
     mlp_bias: bool = False
     ssd_bias: bool = False
-    # hybrid pattern: explicit list, or attention where i % period == offset
+    # hybrid pattern: explicit list, or attention where i % period == offset. (Named as in
+    # the official Cheems config; ``layer_types`` would be validated by transformers when
+    # mlx-lm loads the tokenizer next to config.json, and is accepted here as an alias.)
+    layers_type: Optional[List[str]] = None
     layer_types: Optional[List[str]] = None
     attn_layer_period: int = 8
     attn_layer_offset: int = 7
@@ -81,8 +84,11 @@ class ModelArgs(BaseModelArgs):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.layer_types is None:
-            self.layer_types = [
+        if self.layers_type is None and self.layer_types is not None:
+            self.layers_type = list(self.layer_types)
+        self.layer_types = None
+        if self.layers_type is None:
+            self.layers_type = [
                 "attn" if i % self.attn_layer_period == self.attn_layer_offset else "ssd"
                 for i in range(self.num_hidden_layers)
             ]
@@ -92,9 +98,9 @@ class ModelArgs(BaseModelArgs):
         def fail(msg):
             raise ValueError(f"invalid cheems config: {msg}")
 
-        if len(self.layer_types) != self.num_hidden_layers:
-            fail(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if len(self.layers_type) != self.num_hidden_layers:
+            fail(f"layers_type has {len(self.layers_type)} entries for {self.num_hidden_layers} layers")
+        bad = sorted(set(self.layers_type) - set(LAYER_TYPES))
         if bad:
             fail(f"unknown layer types {bad}; expected {LAYER_TYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -102,7 +108,7 @@ class ModelArgs(BaseModelArgs):
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-        if "ssd" in self.layer_types and self.num_attention_heads * self.head_dim != self.hidden_size:
+        if "ssd" in self.layers_type and self.num_attention_heads * self.head_dim != self.hidden_size:
             fail("SSD layers need num_attention_heads * head_dim == hidden_size")
         if self.head_dim % 2:
             fail(f"head_dim {self.head_dim} must be even for RoPE")
@@ -162,7 +168,7 @@ class CheemsModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.word_embed = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, t) for t in args.layer_types]
+        self.layers = [DecoderLayer(args, t) for t in args.layers_type]
         self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs, cache=None, input_embeddings=None):

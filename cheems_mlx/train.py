@@ -24,6 +24,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -316,7 +317,7 @@ def fit(
     step_fn = mx.compile(compiled_step, inputs=state, outputs=state)
     metrics = open(run / "metrics.jsonl", "a")
     print(
-        f"model: {n_params / 1e6:.2f}M parameters, layers {args.layer_types}; "
+        f"model: {n_params / 1e6:.2f}M parameters, layers {args.layers_type}; "
         f"train {train_tokens.size:,} tokens, val {val_tokens.size:,} tokens",
         file=sys.stderr,
     )
@@ -365,10 +366,12 @@ def export(run: Path, data: Optional[Path], out: Path, dtype: str = "float16", f
     config = json.loads((run / "model_config.json").read_text())
     if data is None:
         data = Path(json.loads((run / "train_args.json").read_text())["data"])
-    model = Model(ModelArgs.from_dict(config))
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
     model.load_weights(str(ckpt / "model.safetensors"))
     extra = [data / f for f in TOKENIZER_FILES if (data / f).exists()]
-    config = {**config, "model_type": "cheems", "source_format": "cheems_mlx"}
+    config = {k: v for k, v in asdict(args).items() if k != "layer_types"}
+    config.update(model_type="cheems", source_format="cheems_mlx")
     return save_model_dir(model, config, out, dtype=dtype, extra_files=extra, force=force)
 
 

@@ -154,7 +154,7 @@ def native_config(config: Dict[str, Any], fmt: str, weights_shapes: Dict[str, tu
         bias = bool(config.get("hidden_bias", False))
         out.update(attention_bias=bias, mlp_bias=bias, ssd_bias=bias)
         period, offset = int(config.get("attn_layer_period", 8)), int(config.get("attn_layer_offset", 7))
-        out["layer_types"] = ["attn" if i % period == offset else "ssd" for i in range(L)]
+        out["layers_type"] = ["attn" if i % period == offset else "ssd" for i in range(L)]
         out["ssd_chunk_size"] = int(config.get("ssd_chunk_size", 256))
         out["dynamic_mask_ratio"] = float(config.get("dynamic_mask_ratio", 0.0))
         out["dynamic_mask_rule"] = "cheems_ratio" if fmt == "cheems" else "hard"
@@ -175,7 +175,7 @@ def native_config(config: Dict[str, Any], fmt: str, weights_shapes: Dict[str, tu
         bias = config.get("attention_bias", config.get("hidden_bias", False))
         out["attention_bias"] = bool(bias)
         out["mlp_bias"] = bool(config.get("mlp_bias", config.get("hidden_bias", False)))
-        out["layer_types"] = ["attn"] * L
+        out["layers_type"] = ["attn"] * L
         out["keep_window_size"] = int(config.get("keep_window_size", 2048))
         out["dynamic_mask_ratio"] = float(config.get("dynamic_mask_ratio", 0.0))
         out["sliding_window"] = config.get("sliding_window")
