@@ -46,6 +46,18 @@ def kth_smallest(x: mx.array, k: int) -> mx.array:
     return mx.partition(x, k - 1, axis=-1)[..., k - 1 : k]
 
 
+def top_w(scored: mx.array, w: int) -> mx.array:
+    """Boolean mask of exactly ``w`` largest entries per row (last axis). Ties at the w-th
+    value go to the lowest key index, as torch.topk does on the CPU -- ties are common:
+    equal tokens give equal values and hence equal m in the first layer."""
+    T = scored.shape[-1]
+    threshold = mx.partition(scored, T - w, axis=-1)[..., T - w : T - w + 1]  # w-th largest
+    above = scored > threshold
+    tied = scored == threshold
+    room = w - above.sum(axis=-1, keepdims=True)
+    return above | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= room))
+
+
 def dynamic_mask(
     bias: mx.array,
     valid: Optional[mx.array],
@@ -66,11 +78,7 @@ def dynamic_mask(
     allowed = mx.broadcast_to(allowed, (b, hm, q_len, T))
     if rule == "keep_window":
         if T > keep_window_size:
-            scored = mx.where(allowed, m, -mx.inf)
-            threshold = mx.partition(scored, T - keep_window_size, axis=-1)[
-                ..., T - keep_window_size : T - keep_window_size + 1
-            ]  # the W-th largest of each row
-            allowed = allowed & (scored >= threshold)
+            allowed = allowed & top_w(mx.where(allowed, m, -mx.inf), keep_window_size)
         return mx.where(allowed, m, min_value)
     if rule == "cheems_ratio":
         if 0.0 < ratio < 1.0:

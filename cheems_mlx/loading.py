@@ -5,6 +5,7 @@ weights, lazy loading, adapters and tokenizer wrapping come from there); only th
 model classes are ours, passed in directly so no ``--trust-remote-code`` is needed.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -80,6 +81,23 @@ def load_model_only(path: Path, lazy: bool = False, model_config: Optional[dict]
         raise LoadError(f"could not load the weights in {path}: {e}") from None
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers reads config.json when mlx-lm loads the tokenizer and warns that
+    ``cheems`` is not one of its model types; that warning is noise for our users."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load(
     path_or_repo: Optional[Union[str, Path]] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
@@ -98,7 +116,8 @@ def load(
     if adapter_path is not None:
         model = load_adapters(model, adapter_path)
         model.eval()
-    tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    with quiet_transformers():
+        tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

@@ -76,7 +76,10 @@ class ModelArgs(BaseModelArgs):
     num_expert_heads: int = 4
     expert_retrieval_size: int = 64
     norm_topk_prob: bool = False
-    # where the weights came from (informational, written by the converter)
+    # informational: special tokens (mlx-lm reads eos_token_id) and the weights' origin
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Any] = None
+    pad_token_id: Optional[int] = None
     source_format: Optional[str] = None
 
     def __post_init__(self):

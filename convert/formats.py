@@ -83,7 +83,7 @@ def detect_format(config: Dict[str, Any], keys: Iterable[str]) -> str:
     if config.get("model_type") == "cheems" and "source_format" in config:
         return "native"
     has = lambda frag: any(frag in k for k in keys)  # noqa: E731
-    if has(".pre_sequence_layernorm.") or has(".ssd.") or has(".attn."):
+    if has(".pre_sequence_layernorm.") or (has("model.layers.") and has(".ssd.")):
         if "num_cdmmoe_experts" in config or (
             config.get("model_type") == "doge" and "num_key_value_heads" not in config
         ):
@@ -146,7 +146,10 @@ def native_config(config: Dict[str, Any], fmt: str, weights_shapes: Dict[str, tu
     out["model_type"] = "cheems"
     out["source_format"] = fmt
     out["rope_theta"], out["rope_scaling"] = _rope(config)
-    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", True))
+    # a checkpoint saved with tied embeddings may omit lm_head.weight; a missing field means
+    # True for the Cheems configs (transformers 4 default) and False for DogeConfig
+    tied_default = fmt in ("cheems", "cheems_paper") or "lm_head.weight" not in weights_shapes
+    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", tied_default))
     H = config["num_attention_heads"]
     L = config["num_hidden_layers"]
 

@@ -1,0 +1,72 @@
+"""Shared test helpers.
+
+``doge_to_mlx`` / ``tiny_doge``: build tiny random transformers ``DogeForCausalLM`` models
+and import them into cheems_mlx through the same path a real checkpoint takes
+(``detect_format`` -> ``native_config`` -> ``ModelArgs.from_dict`` -> ``Model.sanitize``
+-> ``load_weights(strict=True)``). Used by ``test_transformers_parity.py``.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+
+def doge_to_mlx(hf_model, drop_keys=()):
+    """A cheems_mlx ``Model`` holding the weights of a transformers ``DogeForCausalLM``
+    (``drop_keys``: state_dict entries to leave out, e.g. a tied ``lm_head.weight``)."""
+    from cheems_mlx.convert.formats import detect_format, native_config, native_weights
+    from cheems_mlx.model import Model, ModelArgs
+
+    config = hf_model.config.to_dict()
+    weights = {
+        k: mx.array(v.detach().to("cpu").float().numpy())
+        for k, v in hf_model.state_dict().items()
+        if k not in drop_keys
+    }
+    fmt = detect_format(config, weights.keys())
+    shapes = {k: tuple(v.shape) for k, v in native_weights(weights).items()}
+    args = ModelArgs.from_dict(native_config(config, fmt, shapes))
+    model = Model(args)
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_doge(seed=0, **overrides):
+    """A small random float32 ``DogeForCausalLM`` (eager attention) whose every path is
+    exercised: ``self_attn.A`` nonzero (so the dynamic bias varies per key), every RMSNorm
+    and residual weight 1 + N(0, 0.1^2) (so a swapped or missing weight shows), and an
+    initializer range of 0.1 so logits are O(1) rather than O(0.01)."""
+    import torch
+    from transformers import DogeConfig, DogeForCausalLM
+
+    kw = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        keep_window_size=2048,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    config = DogeConfig(**kw)
+    model = DogeForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("self_attn.A"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.weight") or name.endswith("_residual"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def max_rel_err(ours, ref):
+    """max|ours - ref| / max(1, max|ref|)."""
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.max(np.abs(ours - ref)) / max(1.0, float(np.max(np.abs(ref)))))

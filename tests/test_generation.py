@@ -1,0 +1,180 @@
+"""Generation through mlx-lm's machinery and our CLIs on a saved model folder.
+
+Reference for the tokens: a plain greedy loop written here (model + make_cache +
+argmax), independent of mlx-lm's generation code.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlx.core as mx
+import pytest
+
+from cheems_mlx.io import save_model_dir
+from cheems_mlx.model import Model, ModelArgs
+from cheems_mlx.train import prepare
+
+WORDS = "and god said let there be light in the beginning was the word unto them".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(80)]
+    (root / "c.txt").write_text("\n\n".join(docs))
+    prepare([root / "c.txt"], root / "data", vocab_size=300, val_fraction=0.1)
+    args = ModelArgs(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, layers_type=["ssd", "attn", "ssd"],
+        ssd_chunk_size=8, qk_norm=True, is_moe=True, num_experts=64, num_expert_heads=2,
+        num_experts_per_tok=4, expert_retrieval_size=16, max_position_embeddings=64,
+        eos_token_id=2, bos_token_id=1,
+    )
+    mx.random.seed(3)
+    model = Model(args)
+    for layer in model.layers:  # a peaked output distribution: greedy ties are unlikely
+        if layer.layer_type == "attn":
+            layer.attn.A = mx.random.uniform(-1, 1, layer.attn.A.shape)
+    model.model.word_embed.weight = model.model.word_embed.weight * 4
+    from dataclasses import asdict
+
+    config = {k: v for k, v in asdict(args).items() if k != "layer_types"}
+    config["source_format"] = "cheems_mlx"
+    tok_files = [root / "data" / f for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")]
+    return save_model_dir(model, config, root / "model", dtype="float32", extra_files=tok_files)
+
+
+def own_greedy(model, prompt_ids, n):
+    cache = model.make_cache()
+    logits = model(mx.array(prompt_ids)[None], cache=cache)
+    out = []
+    for _ in range(n):
+        tok = int(mx.argmax(logits[0, -1]))
+        out.append(tok)
+        logits = model(mx.array([[tok]]), cache=cache)
+    return out
+
+
+def cli(*args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=300)
+
+
+def test_stream_and_batch_generate_match_own_greedy_loop(model_dir):
+    import cheems_mlx
+    from mlx_lm import batch_generate, stream_generate
+
+    model, tok = cheems_mlx.load(model_dir)
+    prompts = ["and god said", "let there be light in the beginning", "the word"]
+    ids = [tok.encode(p) for p in prompts]
+    expected = [own_greedy(model, p, 8) for p in ids]
+    # stream_generate stops at EOS; compare up to the first EOS of the reference
+    trim = lambda t: t[: t.index(2)] if 2 in t else t  # noqa: E731
+    for p, exp in zip(ids, expected):
+        got = [r.token for r in stream_generate(model, tok, mx.array(p), max_tokens=8)]
+        assert trim(got) == trim(exp)
+    res = batch_generate(model, tok, ids, max_tokens=8, return_token_ids=True)
+    assert [trim(t) for t in res.token_ids] == [trim(t) for t in expected]
+
+
+def test_generate_cli_matches_mlx_lm_cli(model_dir):
+    ours = cli("-m", "cheems_mlx.generate", "--model", str(model_dir), "--prompt", "and god said",
+               "--max-tokens", "8", "--verbose")
+    assert ours.returncode == 0, ours.stderr
+    assert "Generation:" in ours.stderr and "Peak memory" in ours.stderr
+    theirs = cli("-m", "mlx_lm", "generate", "--model", str(model_dir), "--trust-remote-code",
+                 "--prompt", "and god said", "--max-tokens", "8", "--verbose", "False")
+    assert theirs.returncode == 0, theirs.stderr
+    assert ours.stdout.strip() == theirs.stdout.strip()
+    assert ours.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--prompt", "   "], "prompt is empty"),
+        (["--temp", "-1"], "--temp"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--prompt", "and god said " * 40], "context"),
+    ],
+    ids=["empty-prompt", "neg-temp", "top-p-0", "top-p-big", "max-tokens-0", "too-long"],
+)
+def test_generate_cli_rejects_bad_input(model_dir, extra, needle):
+    proc = cli("-m", "cheems_mlx.generate", "--model", str(model_dir), *extra)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_generate_cli_missing_model_and_offline_repo(tmp_path):
+    proc = cli("-m", "cheems_mlx.generate", "--model", str(tmp_path / "nope"))
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    proc = cli("-m", "cheems_mlx.generate", "--model", "SmallDoge/Doge-20M",
+               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "local cache" in lines[0], proc.stderr
+
+
+def test_max_kv_size_and_prompt_cache_file(model_dir, tmp_path):
+    proc = cli("-m", "cheems_mlx.generate", "--model", str(model_dir), "--prompt", "and god said",
+               "--max-tokens", "5", "--max-kv-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    cache_file = tmp_path / "c.safetensors"
+    proc = cli("-m", "mlx_lm", "cache_prompt", "--model", str(model_dir), "--trust-remote-code",
+               "--prompt", "and god said let there be", "--prompt-cache-file", str(cache_file))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("-m", "cheems_mlx.generate", "--prompt-cache-file", str(cache_file), "--prompt", " light",
+               "--max-tokens", "5", "--ignore-chat-template")
+    assert proc.returncode == 0, proc.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, path, body):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_server_answers_openai_requests(model_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cheems_mlx.server", "--model", str(model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start: {proc.stderr.read()}")
+                time.sleep(0.5)
+        chat = post(port, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "and god said"}], "max_tokens": 6, "temperature": 0})
+        assert chat["choices"][0]["message"]["content"]
+        comp = post(port, "/v1/completions", {"prompt": "and god said", "max_tokens": 6, "temperature": 0})
+        assert comp["choices"][0]["text"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
