@@ -20,7 +20,6 @@ import math
 import os
 import pickle
 import re
-import secrets
 import shutil
 import struct
 import sys
@@ -32,17 +31,14 @@ from typing import Dict, List, Optional, Tuple, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from cheems_mlx.io import DTYPES, SHIM, SHIM_NAME, OutputExistsError, cast_model, check_destination, save_model_dir
+
 from .formats import FormatError, detect_format, native_config, native_key
 
-DTYPES = ("float32", "float16", "bfloat16")
 ROUTINGS = ("per_token", "transformers_reshape")
 DOGE_FORMATS = ("doge", "doge_legacy")
 
-MODEL_FILE = "cheems_model.py"
-MODEL_FILE_TEXT = (
-    '# mlx-lm imports this file when run with --trust-remote-code (config.json "model_file").\n'
-    "from cheems_mlx.model import Model, ModelArgs  # noqa: F401\n"
-)
+MODEL_FILE, MODEL_FILE_TEXT = SHIM_NAME, SHIM
 
 # files fetched from the Hub: configs / tokenizer first, weights in a second pass (so a
 # repo holding both safetensors and .bin weights only downloads the safetensors)
@@ -558,18 +554,6 @@ def build_model(
     return Converted(model=model, config=nconfig, fmt=fmt, source_dtype=source_dtype(native))
 
 
-def cast_model(model, dtype: mx.Dtype) -> None:
-    """Cast floating parameters to ``dtype``; those ``model.cast_predicate`` keeps stay float32."""
-    keep = getattr(model, "cast_predicate", lambda _: True)
-    flat = []
-    for k, v in tree_flatten(model.parameters()):
-        if mx.issubdtype(v.dtype, mx.floating):
-            v = v.astype(dtype if keep(k) else mx.float32)
-        flat.append((k, v))
-    model.update(tree_unflatten(flat))
-    mx.eval(model.parameters())
-
-
 # --------------------------------------------------------------------------- output
 
 
@@ -589,35 +573,6 @@ def copy_tokenizer_files(src: Path, dst: Path) -> List[str]:
 def _same_or_inside(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or b in a.parents
-
-
-def _check_writable(dst: Path) -> None:
-    """Fail before any work when the output cannot be created."""
-    parent = dst.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise _fail(f"cannot create the output {dst}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise _fail(f"cannot create the output {dst}: {parent} is not writable")
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` to ``dst``, replacing an existing ``dst`` only once ``tmp`` is complete."""
-    if not os.path.lexists(dst):
-        os.rename(tmp, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{secrets.token_hex(6)}"
-    os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
 
 
 def _dtype_name(d) -> str:
@@ -655,10 +610,10 @@ def convert(
         raise _fail(f"unknown moe_routing {moe_routing!r}; expected one of {ROUTINGS}")
 
     dst = Path(mlx_path).expanduser().absolute()
-    if os.path.lexists(dst) and not force:
-        raise _fail(f"output {dst} already exists; use --force to replace it")
-
-    _check_writable(dst)
+    try:
+        check_destination(dst, force)
+    except OutputExistsError as e:
+        raise _fail(str(e)) from None
 
     src = resolve_source(hf_path, revision)
     if _same_or_inside(src, dst):
@@ -682,26 +637,12 @@ def convert(
         target = conv.source_dtype or mx.float32
         if target not in (mx.float32, mx.float16, mx.bfloat16):
             target = mx.float32
-    cast_model(model, target)
-
-    nconfig = dict(nconfig)
-    nconfig["model_file"] = MODEL_FILE
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(6)}"
-    tmp.mkdir()  # (mode from the umask, unlike tempfile.mkdtemp's 0700)
-    try:
-        from mlx_lm.utils import save_config, save_model
-
-        save_model(tmp, model)
-        save_config(dict(nconfig), tmp / "config.json")
-        (tmp / MODEL_FILE).write_text(MODEL_FILE_TEXT)
-        copied = copy_tokenizer_files(src, tmp)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    copied: List[str] = []
+    save_model_dir(
+        model, dict(nconfig), dst, dtype=target, force=force,
+        write_extra=lambda tmp: copied.extend(copy_tokenizer_files(src, tmp)),
+    )
 
     if verbose:
         types = Counter(getattr(layer, "layer_type", "?") for layer in model.layers)
