@@ -139,6 +139,13 @@ def test_max_kv_size_and_prompt_cache_file(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_mlx_lm_benchmark_runs(model_dir):
+    proc = cli("-m", "mlx_lm", "benchmark", "--model", str(model_dir), "--trust-remote-code",
+               "-p", "32", "-g", "8", "-b", "2", "-n", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens-per-sec" in proc.stdout or "tps" in proc.stdout.lower(), proc.stdout
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,6 +182,15 @@ def test_server_answers_openai_requests(model_dir):
         assert chat["choices"][0]["message"]["content"]
         comp = post(port, "/v1/completions", {"prompt": "and god said", "max_tokens": 6, "temperature": 0})
         assert comp["choices"][0]["text"]
+        # concurrent requests are batched by the server; greedy answers must not change
+        from concurrent.futures import ThreadPoolExecutor
+
+        prompts = ["and god said", "let there be light", "in the beginning was the word"]
+        body = lambda p: {"prompt": p, "max_tokens": 8, "temperature": 0}  # noqa: E731
+        single = [post(port, "/v1/completions", body(p))["choices"][0]["text"] for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            batched = list(ex.map(lambda p: post(port, "/v1/completions", body(p))["choices"][0]["text"], prompts))
+        assert batched == single
     finally:
         proc.terminate()
         proc.wait(timeout=30)
