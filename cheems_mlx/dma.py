@@ -47,9 +47,11 @@ def kth_smallest(x: mx.array, k: int) -> mx.array:
 
 
 def top_w(scored: mx.array, w: int) -> mx.array:
-    """Boolean mask of exactly ``w`` largest entries per row (last axis). Ties at the w-th
-    value go to the lowest key index, as torch.topk does on the CPU -- ties are common:
-    equal tokens give equal values and hence equal m in the first layer."""
+    """Boolean mask of exactly ``w`` largest entries per row (last axis). Ties are common
+    (equal tokens give equal values, hence equal m, in the first layer); keys tied at the
+    w-th value go to the lowest key index. torch.topk's choice among tied values is
+    implementation-defined, so parity with the reference is exact only when no tie
+    straddles the w-th place -- the count (exactly w kept) always matches."""
     T = scored.shape[-1]
     threshold = mx.partition(scored, T - w, axis=-1)[..., T - w : T - w + 1]  # w-th largest
     above = scored > threshold
