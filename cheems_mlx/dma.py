@@ -106,6 +106,23 @@ def dynamic_mask(
     raise ValueError(f"unknown dynamic_mask_rule {rule!r}; expected one of {MASK_RULES}")
 
 
+def quantized_attention(q, k, v, mask, scale, group_size, bits):
+    """Attention over a QuantizedKVCache with a per-head additive mask (mlx-lm's
+    quantized SDPA shares one mask across heads). q: (B, H, L, P); k, v: quantized
+    (B, Hkv, T, .) triples; mask: (B, H, L, T)."""
+    B, H, L, P = q.shape
+    Hkv = k[0].shape[1]
+    rep = H // Hkv
+    q = (q * scale).reshape(B, Hkv, rep, L, P)
+    k = [mx.expand_dims(x, 2) for x in k]
+    v = [mx.expand_dims(x, 2) for x in v]
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    scores = scores + mask.reshape(mask.shape[0], Hkv, rep, L, -1).astype(scores.dtype)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, P)
+
+
 def _normalize_valid(mask: Optional[mx.array]) -> Optional[mx.array]:
     """mlx-lm cache masks come as (T,), (L, T) or (B, 1, L, T) booleans, or None."""
     if mask is None or isinstance(mask, str):
@@ -159,8 +176,9 @@ class DynamicMaskAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
+        kv_cache = cache[0] if cache is not None else None
         if cache is not None:
-            kv_cache, bias_cache = cache[0], cache[1]
+            bias_cache = cache[1]
             valid = kv_cache.make_mask(l, return_array=True, window_size=self.sliding_window)
             q = self.rope(q, kv_cache.offset)
             k = self.rope(k, kv_cache.offset)
@@ -179,7 +197,8 @@ class DynamicMaskAttention(nn.Module):
         )
         if self.num_mask_heads != H:  # query head h reads kv head h // (H / Hkv)
             mask = mx.repeat(mask, H // self.num_mask_heads, axis=1)
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask.astype(q.dtype)
-        )
+        if hasattr(kv_cache, "bits"):
+            out = quantized_attention(q, k, v, mask, self.scale, kv_cache.group_size, kv_cache.bits)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask.astype(q.dtype))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, l, H * P))

@@ -121,8 +121,18 @@ def run(a) -> int:
             print(f"[note] generation capped at {room} tokens by the model's context of {context}", file=sys.stderr)
             a.max_tokens = max(1, room)
 
-    if prompt_cache is None and a.max_kv_size is not None:
-        prompt_cache = model.make_cache(max_kv_size=a.max_kv_size)
+    if a.kv_bits is not None and a.max_kv_size is not None:
+        raise UsageError("--kv-bits and --max-kv-size cannot be combined")
+    if prompt_cache is None and (a.max_kv_size is not None or a.kv_bits is not None):
+        try:
+            prompt_cache = model.make_cache(
+                max_kv_size=a.max_kv_size, kv_bits=a.kv_bits, kv_group_size=a.kv_group_size
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if a.kv_bits is not None:
+            print("[note] the attention K/V caches are quantized from the first token "
+                  "(--quantized-kv-start does not apply to hybrid caches)", file=sys.stderr)
 
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
     response = None
@@ -134,9 +144,6 @@ def run(a) -> int:
         sampler=sampler,
         prompt_cache=prompt_cache,
         prefill_step_size=a.prefill_step_size,
-        kv_bits=a.kv_bits,
-        kv_group_size=a.kv_group_size,
-        quantized_kv_start=a.quantized_kv_start,
     ):
         print(response.text, end="", flush=True)
     print()

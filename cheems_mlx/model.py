@@ -22,7 +22,14 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
-from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache, RotatingKVCache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    BatchKVCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
@@ -206,12 +213,25 @@ class Model(nn.Module):
         self,
         left_padding: Optional[List[int]] = None,
         max_kv_size: Optional[int] = None,
+        kv_bits: Optional[int] = None,
+        kv_group_size: int = 64,
     ):
         """One cache per layer: SSD -> ArraysCache([state, offset]); attention ->
         CacheList(K/V cache, per-key bias cache). ``left_padding`` builds batched caches
-        for left-padded prompts; ``max_kv_size`` bounds the attention caches."""
+        for left-padded prompts; ``max_kv_size`` bounds the attention caches;
+        ``kv_bits`` stores K/V quantized from the first token (the bias stays exact)."""
+        if kv_bits is not None and (left_padding is not None or max_kv_size is not None):
+            raise ValueError("kv_bits cannot be combined with left_padding or max_kv_size")
+        if kv_bits is not None and kv_group_size not in (32, 64, 128):
+            raise ValueError(f"kv_group_size must be 32, 64 or 128 (got {kv_group_size})")
+        if kv_bits is not None and self.args.head_dim % kv_group_size:
+            raise ValueError(
+                f"kv_group_size {kv_group_size} does not divide the head dimension {self.args.head_dim}"
+            )
 
-        def kv():
+        def kv(quantized=False):
+            if quantized:
+                return QuantizedKVCache(group_size=kv_group_size, bits=kv_bits)
             if left_padding is not None:
                 return BatchKVCache(left_padding)
             if max_kv_size is not None:
@@ -223,7 +243,7 @@ class Model(nn.Module):
             if layer.layer_type == "ssd":
                 caches.append(ArraysCache(2, left_padding=left_padding))
             else:
-                caches.append(CacheList(kv(), kv()))
+                caches.append(CacheList(kv(kv_bits is not None), kv()))
         return caches
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
     prepare([root / "c.txt"], root / "data", vocab_size=300, val_fraction=0.1)
     args = ModelArgs(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, layers_type=["ssd", "attn", "ssd"],
+        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
         ssd_chunk_size=8, qk_norm=True, is_moe=True, num_experts=64, num_expert_heads=2,
         num_experts_per_tok=4, expert_retrieval_size=16, max_position_embeddings=64,
         eos_token_id=2, bos_token_id=1,
@@ -130,6 +130,11 @@ def test_max_kv_size_and_prompt_cache_file(model_dir, tmp_path):
     proc = cli("-m", "cheems_mlx.generate", "--model", str(model_dir), "--prompt", "and god said",
                "--max-tokens", "5", "--max-kv-size", "16")
     assert proc.returncode == 0, proc.stderr
+    proc = cli("-m", "cheems_mlx.generate", "--model", str(model_dir), "--prompt", "and god said",
+               "--max-tokens", "5", "--kv-bits", "8", "--kv-group-size", "32")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    proc = cli("-m", "cheems_mlx.generate", "--model", str(model_dir), "--kv-bits", "8")
+    assert proc.returncode == 1 and "does not divide the head dimension" in proc.stderr
     cache_file = tmp_path / "c.safetensors"
     proc = cli("-m", "mlx_lm", "cache_prompt", "--model", str(model_dir), "--trust-remote-code",
                "--prompt", "and god said let there be", "--prompt-cache-file", str(cache_file))

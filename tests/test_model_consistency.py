@@ -132,3 +132,18 @@ def test_left_padded_batch_matches_unpadded_rows():
         ref_step = np.array(model(mx.array([[5 + i]]), cache=alone_cache))[0]
         assert np.abs(batch[i, L - len(r) :] - ref).max() <= tol(ref)
         assert np.abs(step[i] - ref_step).max() <= tol(ref_step)
+
+
+def test_quantized_kv_cache_stays_close_to_the_float_forward():
+    """8-bit K/V (group 32) vs float: the per-key bias stays exact, K/V carry ~0.4% relative
+    rounding, so logits move by well under 5% of their range."""
+    args = hybrid_args(num_attention_heads=2, num_key_value_heads=1)  # head_dim 32
+    model = random_model(args, seed=4)
+    ids = mx.random.randint(0, args.vocab_size, (1, 24))
+    ref = np.array(model(ids))
+    cache = model.make_cache(kv_bits=8, kv_group_size=32)
+    parts = [model(ids[:, :16], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(16, 24)]
+    got = np.array(mx.concatenate(parts, axis=1))
+    assert type(cache[1][0]).__name__ == "QuantizedKVCache"
+    assert np.abs(got - ref).max() <= 5e-2 * max(1.0, np.abs(ref).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
