@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from mlx_lm.utils import load_adapters, load_model, load_tokenizer
+from mlx_lm.utils import load_model, load_tokenizer
 
 from .model import Model, ModelArgs
 
@@ -114,8 +114,12 @@ def load(
     path = resolve_model_path(path_or_repo, revision)
     model, config = load_model_only(path, lazy=lazy, model_config=model_config)
     if adapter_path is not None:
-        model = load_adapters(model, adapter_path)
-        model.eval()
+        from .lora import LoRAError, load_adapters
+
+        try:
+            load_adapters(model, adapter_path)
+        except LoRAError as e:
+            raise LoadError(str(e)) from None
     with quiet_transformers():
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     if return_config:

@@ -38,6 +38,18 @@ from .model import Model, ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
+# A plain-text "chat" template for models pretrained on running text: messages are
+# concatenated (system first, on its own line), an assistant turn ends with </s>, and
+# the generation prompt adds nothing -- so chat-style requests, mlx-lm's chat and
+# completion fine-tuning datasets and --system-prompt work, and a single user message
+# renders exactly as the plain prompt would.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
+
 
 class TrainError(RuntimeError):
     pass
@@ -93,6 +105,7 @@ def train_tokenizer(train_docs: List[str], out: Path, vocab_size: int):
                 "add_bos_token": True,
                 "add_eos_token": False,
                 "legacy": False,
+                "chat_template": PLAIN_CHAT_TEMPLATE,
             },
             indent=2,
         )

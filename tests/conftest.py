@@ -70,3 +70,41 @@ def max_rel_err(ours, ref):
     """max|ours - ref| / max(1, max|ref|)."""
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return float(np.max(np.abs(ours - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+TINY_WORDS = "and god said let there be light in the beginning was the word unto them".split()
+
+
+def tiny_cheems_dir(root, seed=3, **overrides):
+    """A saved model folder (random hybrid Cheems: SSD + DMA + CDMoE) with a sentencepiece
+    tokenizer trained on a small synthetic corpus by ``cheems_mlx.train.prepare``."""
+    import random
+    from dataclasses import asdict
+
+    from cheems_mlx.io import save_model_dir
+    from cheems_mlx.model import Model, ModelArgs
+    from cheems_mlx.train import prepare
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(TINY_WORDS) for _ in range(40)) + "." for _ in range(80)]
+    (root / "c.txt").write_text("\n\n".join(docs))
+    prepare([root / "c.txt"], root / "data", vocab_size=300, val_fraction=0.1)
+    cfg = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
+        ssd_chunk_size=8, qk_norm=True, is_moe=True, num_experts=64, num_expert_heads=2,
+        num_experts_per_tok=4, expert_retrieval_size=16, max_position_embeddings=64,
+        eos_token_id=2, bos_token_id=1,
+    )
+    cfg.update(overrides)
+    args = ModelArgs(**cfg)
+    mx.random.seed(seed)
+    model = Model(args)
+    for layer in model.layers:  # a peaked output distribution: greedy ties are unlikely
+        if layer.layer_type == "attn":
+            layer.attn.A = mx.random.uniform(-1, 1, layer.attn.A.shape)
+    model.model.word_embed.weight = model.model.word_embed.weight * 4
+    config = {k: v for k, v in asdict(args).items() if k != "layer_types"}
+    config["source_format"] = "cheems_mlx"
+    tok_files = [root / "data" / f for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")]
+    return save_model_dir(model, config, root / "model", dtype="float32", extra_files=tok_files)

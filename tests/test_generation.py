@@ -6,7 +6,6 @@ argmax), independent of mlx-lm's generation code.
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -16,39 +15,12 @@ import urllib.request
 import mlx.core as mx
 import pytest
 
-from cheems_mlx.io import save_model_dir
-from cheems_mlx.model import Model, ModelArgs
-from cheems_mlx.train import prepare
-
-WORDS = "and god said let there be light in the beginning was the word unto them".split()
+from conftest import tiny_cheems_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(80)]
-    (root / "c.txt").write_text("\n\n".join(docs))
-    prepare([root / "c.txt"], root / "data", vocab_size=300, val_fraction=0.1)
-    args = ModelArgs(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
-        ssd_chunk_size=8, qk_norm=True, is_moe=True, num_experts=64, num_expert_heads=2,
-        num_experts_per_tok=4, expert_retrieval_size=16, max_position_embeddings=64,
-        eos_token_id=2, bos_token_id=1,
-    )
-    mx.random.seed(3)
-    model = Model(args)
-    for layer in model.layers:  # a peaked output distribution: greedy ties are unlikely
-        if layer.layer_type == "attn":
-            layer.attn.A = mx.random.uniform(-1, 1, layer.attn.A.shape)
-    model.model.word_embed.weight = model.model.word_embed.weight * 4
-    from dataclasses import asdict
-
-    config = {k: v for k, v in asdict(args).items() if k != "layer_types"}
-    config["source_format"] = "cheems_mlx"
-    tok_files = [root / "data" / f for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")]
-    return save_model_dir(model, config, root / "model", dtype="float32", extra_files=tok_files)
+    return tiny_cheems_dir(tmp_path_factory.mktemp("gen"))
 
 
 def own_greedy(model, prompt_ids, n):

@@ -1,0 +1,516 @@
+"""``python -m cheems_mlx.lora``: LoRA / DoRA / full fine-tuning with mlx-lm's flags.
+
+Reused from mlx-lm: the argument parser and YAML config handling, the datasets (text,
+chat and completion JSONL; ``--mask-prompt``), batching (``iterate_batches``: length
+sorted, right padded, truncated to ``--max-seq-length`` with a warning), the loss, the
+LoRA / DoRA layers and the optimizers / schedules. What is ours, and why:
+
+- **targets by name** (``--lora-targets``): every matrix of this architecture has a
+  name (attention q/k/v/o and its dynamic-mask ``dt_proj``; SSD c/b/x/dt/out; the
+  shared expert MLP; the CDMoE router / retrieval queries; the expert tables) and
+  groups of them; mlx-lm's default would put LoRA on every Embedding, i.e. the expert
+  tables.
+- **DoRA on quantized expert tables**: mlx-lm's ``DoRAEmbedding`` cannot wrap a
+  ``QuantizedEmbedding``; those tables get a LoRA adapter instead (with a note).
+- **the training loop**: mlx-lm's ``train`` saves adapter weights only; here a
+  checkpoint also holds the optimizer state and the step (dropout noise is seeded
+  per step), and
+  ``--resume`` continues with exactly the losses of an uninterrupted run (the data
+  order is replayed from ``--seed``). It also writes ``metrics.jsonl`` and
+  ``loss.png`` and reports peak memory.
+- **input checks**: a malformed JSONL line names its file and line; an empty split,
+  unknown target names, or an adapter that does not fit the base model are one-line
+  errors.
+"""
+
+import json
+import math
+import sys
+import time
+import types
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional, Set
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+# target name -> module paths relative to a decoder layer
+TARGETS: Dict[str, List[str]] = {
+    "q_proj": ["attn.q_proj"],
+    "k_proj": ["attn.k_proj"],
+    "v_proj": ["attn.v_proj"],
+    "o_proj": ["attn.o_proj"],
+    "attn.dt_proj": ["attn.dt_proj"],
+    "c_proj": ["ssd.c_proj"],
+    "b_proj": ["ssd.b_proj"],
+    "x_proj": ["ssd.x_proj"],
+    "ssd.dt_proj": ["ssd.dt_proj"],
+    "out_proj": ["ssd.out_proj"],
+    "dt_proj": ["attn.dt_proj", "ssd.dt_proj"],
+    "gate_proj": ["feed_forward.gate_proj"],
+    "up_proj": ["feed_forward.up_proj"],
+    "down_proj": ["feed_forward.down_proj"],
+    "queries": ["feed_forward.queries"],
+    "router_gate": ["feed_forward.router_gate"],
+    "down_embed": ["feed_forward.down_embed"],
+    "up_embed": ["feed_forward.up_embed"],
+}
+GROUPS: Dict[str, List[str]] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "attn.dt_proj"],
+    "ssd": ["c_proj", "b_proj", "x_proj", "ssd.dt_proj", "out_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "router": ["queries", "router_gate"],
+    "experts": ["down_embed", "up_embed"],
+}
+GROUPS["all-linear"] = GROUPS["attention"] + GROUPS["ssd"] + GROUPS["mlp"] + GROUPS["router"]
+GROUPS["all"] = GROUPS["all-linear"] + GROUPS["experts"]
+# the default (see docs/lora.md for the measurement behind it)
+DEFAULT_TARGETS = ["attention", "ssd", "mlp"]
+
+
+class LoRAError(ValueError):
+    pass
+
+
+def resolve_targets(names: List[str], model) -> Set[str]:
+    """Module paths (relative to a layer) for target names / groups, restricted to the
+    modules the model has. Unknown names are an error."""
+    wanted: List[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        if name in GROUPS:
+            wanted.extend(GROUPS[name])
+        elif name in TARGETS:
+            wanted.append(name)
+        else:
+            valid = sorted(TARGETS) + sorted(GROUPS)
+            raise LoRAError(f"unknown LoRA target {name!r}; valid names: {', '.join(valid)}")
+    present = {k for layer in model.layers for k, _ in layer.named_modules()}
+    keys = {path for name in wanted for path in TARGETS[name] if path in present}
+    if not keys:
+        raise LoRAError(f"none of the LoRA targets {names} exists in this model")
+    return keys
+
+
+def apply_lora(model, num_layers: int, params: Dict, fine_tune_type: str) -> None:
+    """mlx-lm's linear_to_lora_layers with explicit keys, except that DoRA falls back
+    to LoRA for quantized embeddings (mlx-lm's DoRAEmbedding cannot wrap them)."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
+
+    keys = set(params["keys"])
+    use_dora = fine_tune_type == "dora"
+    noted = False
+
+    def convert(module):
+        nonlocal noted
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            cls = DoRALinear if use_dora else LoRALinear
+        elif isinstance(module, nn.QuantizedEmbedding):
+            if use_dora and not noted:
+                print("[note] DoRA does not support quantized embeddings: the expert tables "
+                      "get LoRA adapters", file=sys.stderr)
+                noted = True
+            cls = LoRAEmbedding
+        elif isinstance(module, nn.Embedding):
+            cls = DoRAEmbedding if use_dora else LoRAEmbedding
+        else:
+            raise LoRAError(f"cannot put an adapter on a {type(module).__name__}")
+        return cls.from_base(module, r=params["rank"], scale=params["scale"], dropout=params["dropout"])
+
+    for layer in model.layers[-max(num_layers, 0):]:
+        new = [(k, convert(m)) for k, m in layer.named_modules() if k in keys]
+        if new:
+            layer.update_modules(tree_unflatten(new))
+
+
+def prepare_model_for_training(model, args) -> None:
+    model.freeze()
+    if args.num_layers == -1:
+        args.num_layers = len(model.layers)
+    if args.num_layers > len(model.layers) or args.num_layers < 1:
+        raise LoRAError(f"--num-layers must be -1 (all) or in [1, {len(model.layers)}] (got {args.num_layers})")
+    if args.fine_tune_type == "full":
+        for layer in model.layers[-args.num_layers:]:
+            layer.unfreeze()
+        args.lora_parameters = None
+    elif args.fine_tune_type in ("lora", "dora"):
+        apply_lora(model, args.num_layers, args.lora_parameters, args.fine_tune_type)
+    else:
+        raise LoRAError(f"unknown --fine-tune-type {args.fine_tune_type!r} (lora, dora, full)")
+
+
+def load_adapters(model, adapter_path) -> None:
+    """Apply the adapters saved in ``adapter_path`` (adapter_config.json +
+    adapters.safetensors); a base model they do not fit is a clear error."""
+    path = Path(adapter_path)
+    cfg_file, weights_file = path / "adapter_config.json", path / "adapters.safetensors"
+    if not cfg_file.exists() or not weights_file.exists():
+        raise LoRAError(f"{path} holds no adapter (adapter_config.json and adapters.safetensors)")
+    cfg = types.SimpleNamespace(**json.loads(cfg_file.read_text()))
+    if getattr(cfg, "num_layers", 0) > len(model.layers):
+        raise LoRAError(
+            f"the adapter in {path} was trained for {cfg.num_layers} layers; this model has {len(model.layers)}"
+        )
+    kind = getattr(cfg, "fine_tune_type", "lora")
+    if kind != "full":
+        params = dict(cfg.lora_parameters)
+        if "keys" not in params:
+            raise LoRAError(f"{cfg_file} does not list its target modules (lora_parameters.keys)")
+        apply_lora(model, cfg.num_layers, params, kind)
+    weights = mx.load(str(weights_file))
+    model_params = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in model_params:
+            raise LoRAError(f"the adapter in {path} does not fit this model: no parameter {name!r}")
+        if tuple(w.shape) != tuple(model_params[name].shape):
+            raise LoRAError(
+                f"the adapter in {path} does not fit this model: {name} has shape {tuple(w.shape)}, "
+                f"the model expects {tuple(model_params[name].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoRAError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise LoRAError(f"{path}:{n}: expected a JSON object, found {type(row).__name__}")
+            rows.append((n, row))
+    if not rows:
+        return []
+    first = rows[0][1]
+    if "messages" in first:
+        need = ("messages",)
+    elif "prompt" in first and "completion" in first:
+        need = ("prompt", "completion")
+    elif "text" in first:
+        need = ("text",)
+    else:
+        raise LoRAError(
+            f"{path}:{rows[0][0]}: unknown record format (keys {sorted(first)}); expected "
+            "'text', 'prompt' + 'completion', or 'messages'"
+        )
+    for n, row in rows:
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise LoRAError(f"{path}:{n}: missing {missing} (the file's first record uses {list(need)})")
+    return [r for _, r in rows]
+
+
+def load_datasets(args, tokenizer, log=print):
+    from mlx_lm.tuner.datasets import create_dataset
+
+    from .train import PLAIN_CHAT_TEMPLATE
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise LoRAError(f"--data {data} is not a folder with train/valid/test .jsonl files")
+    splits = {}
+    for name in ("train", "valid", "test"):
+        f = data / f"{name}.jsonl"
+        rows = read_jsonl(f) if f.exists() else []
+        if rows and "text" not in rows[0] and not tokenizer.has_chat_template:
+            # mlx-lm renders chat and prompt/completion records with the chat template
+            log("[note] the tokenizer has no chat template: using plain concatenation "
+                "(prompt + completion + </s>)")
+            tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        try:
+            splits[name] = create_dataset(rows, tokenizer, args) if rows else []
+        except ValueError as e:
+            raise LoRAError(f"{f}: {e}") from None
+    if args.train and not splits["train"]:
+        raise LoRAError(f"{data / 'train.jsonl'} is missing or empty")
+    if args.train and not splits["valid"]:
+        raise LoRAError(f"{data / 'valid.jsonl'} is missing or empty (needed for validation loss)")
+    if args.test and not splits["test"]:
+        raise LoRAError(f"{data / 'test.jsonl'} is missing or empty")
+    for name, ds in splits.items():
+        if ds and len(ds) < args.batch_size and (name != "test" or args.test):
+            raise LoRAError(f"{name}.jsonl has {len(ds)} records, fewer than --batch-size {args.batch_size}")
+    return splits["train"], splits["valid"], splits["test"]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _plot(metrics_file: Path, out: Path, title: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
+    tr = [(r["iteration"], r["train_loss"]) for r in rows if "train_loss" in r]
+    va = [(r["iteration"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _save_checkpoint(adapter_path: Path, model, optimizer, it: int):
+    ckpt = adapter_path / "checkpoints" / f"{it:07d}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    adapters = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
+    opt_state = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+    (tmp / "state.json").write_text(json.dumps({"iteration": it}))
+    if ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+    mx.save_safetensors(str(adapter_path / "adapters.safetensors"), adapters)
+    (adapter_path / "checkpoints" / "latest").write_text(ckpt.name)
+
+
+def _latest_checkpoint(adapter_path: Path) -> Optional[Path]:
+    marker = adapter_path / "checkpoints" / "latest"
+    if not marker.exists():
+        return None
+    ckpt = adapter_path / "checkpoints" / marker.read_text().strip()
+    return ckpt if ckpt.exists() else None
+
+
+def make_optimizer(args):
+    from mlx_lm.tuner.utils import build_schedule
+
+    lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
+    name = args.optimizer.lower()
+    classes = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor,
+               "muon": optim.Muon}
+    if name not in classes:
+        raise LoRAError(f"unsupported optimizer {args.optimizer!r}; expected one of {sorted(classes)}")
+    return classes[name](learning_rate=lr, **args.optimizer_config.get(name, {}))
+
+
+def train(args, model, train_set, valid_set, log=print):
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterate_batches
+
+    adapter_path = Path(args.adapter_path)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(args)
+    start = 0
+    metrics_file = adapter_path / "metrics.jsonl"
+    if args.resume:
+        ckpt = _latest_checkpoint(adapter_path)
+        if ckpt is None:
+            raise LoRAError(f"--resume: no checkpoint in {adapter_path / 'checkpoints'}")
+        model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
+        optimizer.init(model.trainable_parameters())
+        optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+        start = json.loads((ckpt / "state.json").read_text())["iteration"]
+        kept = [l for l in metrics_file.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= start]
+        metrics_file.write_text("".join(l + "\n" for l in kept))
+        log(f"Resuming from {ckpt} (iteration {start})")
+    else:
+        if args.resume_adapter_file is not None:
+            log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
+            model.load_weights(args.resume_adapter_file, strict=False)
+        metrics_file.write_text("")
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+    (adapter_path / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+
+    if args.grad_checkpoint:  # all our decoder layers share one class
+        grad_checkpoint(model.layers[0])
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        (loss, toks), grad = loss_value_and_grad(model, *batch)
+        optimizer.update(model, grad)
+        return loss, toks
+
+    train_ds, valid_ds = CacheDataset(train_set), CacheDataset(valid_set)
+    # mlx-lm's iterate_batches shuffles with numpy's global RNG, which evaluation also
+    # draws from; keep the training stream's RNG state apart so the order depends only
+    # on --seed and the step (a resumed run replays it exactly)
+    np.random.seed(args.seed)
+    train_rng = np.random.get_state()
+    batches = iterate_batches(train_ds, args.batch_size, args.max_seq_length, loop=True)
+
+    def next_batch():
+        nonlocal train_rng
+        np.random.set_state(train_rng)
+        b = next(batches)
+        train_rng = np.random.get_state()
+        return b
+
+    for _ in range(start):  # replay the data order of the interrupted run
+        next_batch()
+
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    log(f"Trainable parameters: {100 * n_train / n_params:.3f}% ({n_train / 1e6:.3f}M/{n_params / 1e6:.3f}M)")
+    mx.reset_peak_memory()
+    metrics = open(metrics_file, "a")
+    losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
+    for it in range(start + 1, args.iters + 1):
+        if it == 1 or it % args.steps_per_eval == 0 or it == args.iters:
+            tic = time.perf_counter()
+            model.eval()
+            np.random.seed(args.seed + 1)  # the same validation batches at every evaluation
+            val = evaluate(model, valid_ds, args.batch_size, args.val_batches, args.max_seq_length)
+            model.train()
+            row = {"iteration": it - 1, "val_loss": val}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            log(f"Iter {it - 1}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
+        batch = next_batch()
+        tic = time.perf_counter()
+        model.train()
+        mx.random.seed(args.seed * 1_000_003 + it)  # dropout noise is a function of the step
+        loss, toks = step(batch)
+        mx.eval(state, loss, toks)
+        elapsed += time.perf_counter() - tic
+        losses += loss.item()
+        ntoks += toks.item()
+        steps += 1
+        if it % args.steps_per_report == 0 or it == args.iters:
+            row = {"iteration": it, "train_loss": losses / steps, "tokens_per_second": ntoks / elapsed,
+                   "learning_rate": float(optimizer.learning_rate), "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            log(f"Iter {it}: Train loss {row['train_loss']:.3f}, It/sec {steps / elapsed:.3f}, "
+                f"Tokens/sec {row['tokens_per_second']:.1f}, Peak mem {row['peak_memory_gb']:.3f} GB")
+            losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
+        if it % args.save_every == 0 or it == args.iters:
+            _save_checkpoint(adapter_path, model, optimizer, it)
+            _plot(metrics_file, adapter_path / "loss.png", f"{args.fine_tune_type} on {args.data}")
+    metrics.close()
+    if args.iters <= start:
+        log(f"Nothing to do: the run already reached iteration {start}")
+    return model
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    import yaml
+    from mlx_lm.lora import CONFIG_DEFAULTS, build_parser, yaml_loader
+
+    parser = build_parser()
+    parser.prog = "python -m cheems_mlx.lora"
+    parser.add_argument("--lora-targets", type=str, default=None,
+                        help="comma-separated target names or groups "
+                             f"({', '.join(sorted(GROUPS))}; default {','.join(DEFAULT_TARGETS)})")
+    parser.add_argument("--lora-rank", type=int, default=None)
+    parser.add_argument("--lora-scale", type=float, default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --adapter-path from its latest checkpoint")
+    a = vars(parser.parse_args(argv))
+    if a.get("config"):
+        with open(a["config"]) as f:
+            cfg = yaml.load(f, yaml_loader) or {}
+        for k, v in cfg.items():
+            if a.get(k) is None or (k in ("train", "test", "mask_prompt", "grad_checkpoint") and a.get(k) is False):
+                a[k] = v
+    if a.get("num_layers") is None:
+        a["num_layers"] = -1  # all layers (mlx-lm's 16 is meant for larger models)
+    for k, v in CONFIG_DEFAULTS.items():
+        if a.get(k) is None:
+            a[k] = v
+    if a["model"] == CONFIG_DEFAULTS["model"] and "--model" not in (argv or sys.argv):
+        a["model"] = None  # our default model, not mlx-lm's
+    if a["data"] == CONFIG_DEFAULTS["data"] and "--data" not in (argv or sys.argv) and not (a.get("config")):
+        a["data"] = None
+    args = types.SimpleNamespace(**a)
+    args.lora_parameters = dict(args.lora_parameters)
+    if args.lora_rank is not None:
+        args.lora_parameters["rank"] = args.lora_rank
+    if args.lora_scale is not None:
+        args.lora_parameters["scale"] = args.lora_scale
+    if args.lora_targets is not None:
+        args.lora_parameters["targets"] = [t for t in args.lora_targets.split(",") if t.strip()]
+    args.lora_parameters.setdefault("targets", list(DEFAULT_TARGETS))
+    return args
+
+
+def check_args(args):
+    if not args.train and not args.test:
+        raise LoRAError("nothing to do: pass --train and/or --test")
+    if args.data is None:
+        raise LoRAError("--data is required (a folder with train.jsonl / valid.jsonl / test.jsonl)")
+    for name in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every", "max_seq_length"):
+        if getattr(args, name) < 1:
+            raise LoRAError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.grad_accumulation_steps != 1:
+        raise LoRAError("--grad-accumulation-steps is not supported here (use a larger --batch-size)")
+    if args.learning_rate <= 0 and not args.lr_schedule:
+        raise LoRAError("--learning-rate must be positive")
+
+
+def run(args, log=print):
+    from .loading import load
+
+    check_args(args)
+    np.random.seed(args.seed)
+    mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    train_set, valid_set, test_set = load_datasets(args, tokenizer, log=log)
+    if args.fine_tune_type != "full":
+        args.lora_parameters["keys"] = sorted(resolve_targets(args.lora_parameters["targets"], model))
+    if args.train:
+        prepare_model_for_training(model, args)
+        train(args, model, train_set, valid_set, log=log)
+    elif args.adapter_path and Path(args.adapter_path).exists():
+        load_adapters(model, args.adapter_path)
+    if args.test:
+        from mlx_lm.tuner.datasets import CacheDataset
+        from mlx_lm.tuner.trainer import evaluate
+
+        model.eval()
+        test_loss = evaluate(model, CacheDataset(test_set), args.batch_size, args.test_batches, args.max_seq_length)
+        log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.")
+        return test_loss
+    return None
+
+
+def main(argv=None) -> int:
+    from .loading import LoadError
+
+    try:
+        args = parse_args(argv)
+        run(args)
+    except (LoRAError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
