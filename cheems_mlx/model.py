@@ -16,8 +16,9 @@ This module is also an mlx-lm model module: ``ModelArgs``, ``Model`` with ``laye
 ``make_cache``, ``sanitize``, ``quant_predicate`` and ``cast_predicate``.
 """
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +37,13 @@ from .dma import MASK_RULES, DynamicMaskAttention
 from .ssd import StateSpaceDuality
 
 LAYER_TYPES = ("ssd", "attn")
+# layers Model.quant_predicate keeps at 8 bits whatever the requested quantization
+HIGH_PRECISION_LAYERS = ("dt_proj", "router_gate", "queries")
+NATIVE_KEY = re.compile(
+    r"^(lm_head\.|model\.word_embed\.|model\.final_layernorm\.|model\.layers\.\d+\."
+    r"(pre_sequence_layernorm|ssd|attn|post_sequence_residual|pre_state_layernorm|feed_forward|"
+    r"post_state_residual)\.)"
+)
 
 
 @dataclass
@@ -247,22 +255,36 @@ class Model(nn.Module):
         return caches
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        from .convert.formats import native_weights
+        if not all(NATIVE_KEY.match(k) for k in weights):  # a source format's names
+            from .convert.formats import native_weights
 
-        weights = native_weights(weights)
+            weights = native_weights(weights)
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         return weights
 
     @property
     def quant_predicate(self):
-        """Keep the small, sensitive tensors in full precision: SSD and DMA ``dt_proj``
-        (A is a plain array and never quantized), the CDMoE router / retrieval queries,
-        norms and residual scales (vectors, skipped by nn.quantize anyway)."""
+        """Which layers ``nn.quantize`` / mlx-lm's ``quantize_model`` may quantize, and how.
 
-        def predicate(path: str, module) -> bool:
-            leaf = path.rsplit(".", 1)[-1]
-            if leaf in ("dt_proj", "router_gate", "queries"):
+        The small, sensitive layers -- SSD and DMA ``dt_proj`` (the per-head step size that
+        sets the decay of the state / the dynamic mask) and the CDMoE router (``queries`` or
+        ``router_gate``, whose top-k choice is discontinuous) -- get 8-bit affine
+        quantization whatever the requested width: measured on the default model, that keeps
+        the perplexity and the expert choices of the floating-point routers while saving
+        about half their bytes (docs/quantization.md). Where no group size of 64 or 32
+        divides their input dimension they stay in floating point. Everything else (the
+        projections, the MLPs, the word embedding and the CDMoE expert tables
+        ``down_embed`` / ``up_embed``) is quantized as requested. ``A``, the CDMoE ``keys``,
+        the norms and the residual scales are plain arrays, which nn.quantize never touches.
+        """
+
+        def predicate(path: str, module) -> Union[bool, dict]:
+            if path.rsplit(".", 1)[-1] in HIGH_PRECISION_LAYERS:
+                in_dims = module.weight.shape[-1]
+                for group_size in (64, 32):
+                    if in_dims % group_size == 0:
+                        return {"group_size": group_size, "bits": 8, "mode": "affine"}
                 return False
             return True
 

@@ -319,15 +319,14 @@ def fit(
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
-    @mx.compile
-    def compiled_step(x, y, lr_now):
+    def train_step(x, y, lr_now):
         loss, grads = value_and_grad(model, x, y)
         grads, norm = optim.clip_grad_norm(grads, grad_clip)
         optimizer.learning_rate = lr_now
         optimizer.update(model, grads)
         return loss, norm
 
-    step_fn = mx.compile(compiled_step, inputs=state, outputs=state)
+    step_fn = mx.compile(train_step, inputs=state, outputs=state)
     metrics = open(run / "metrics.jsonl", "a")
     print(
         f"model: {n_params / 1e6:.2f}M parameters, layers {args.layers_type}; "
