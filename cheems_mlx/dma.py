@@ -195,6 +195,10 @@ class DynamicMaskAttention(nn.Module):
         mask = dynamic_mask(
             bias, _normalize_valid(valid), l, self.rule, self.keep_window_size, self.ratio, min_value
         )
+        # m = exp(A * softplus(.)) can exceed the activation dtype's range (trained models
+        # learn large A; float16 overflows at 65504): keep it finite, which keeps its meaning
+        # (such a key takes all the weight) instead of turning the row into NaN
+        mask = mx.clip(mask, min_value, -min_value)
         if self.num_mask_heads != H:  # query head h reads kv head h // (H / Hkv)
             mask = mx.repeat(mask, H // self.num_mask_heads, axis=1)
         if hasattr(kv_cache, "bits"):

@@ -146,7 +146,7 @@ def run(a) -> int:
         prefill_step_size=a.prefill_step_size,
     ):
         print(response.text, end="", flush=True)
-    print()
+    print(flush=True)
     if a.verbose and response is not None:
         print("=" * 10, file=sys.stderr)
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
