@@ -4,8 +4,9 @@
     completion  " The LORD bless thee, Margaret, and keep thee."
 
 A blessing in the style of the default model's corpus (Numbers 6:24) around a name the
-model must copy. Names are split into disjoint train / valid / test sets, so the
-held-out score measures the learned pattern, not memorised names.
+model must copy. The names are the 178 proper names of the KJV that are a single token
+of the default model's tokenizer; they are split into disjoint train / valid / test
+sets, so the held-out score measures the learned pattern, not memorised names.
 
     python examples/lora/make_data.py            # -> examples/lora/data/{completion,chat,text}/
 """
@@ -14,19 +15,20 @@ import json
 import random
 from pathlib import Path
 
-NAMES = """Aaron Abigail Adam Adrian Agnes Alan Albert Alice Amelia Amos Andrew Angela Anna Anthony
-Arthur Audrey Barbara Beatrice Benjamin Bernard Bertha Betty Brian Bridget Caleb Carl Caroline
-Catherine Cecil Charles Charlotte Christopher Clara Claude Colin Daniel Daphne David Deborah Dennis
-Diana Dorothy Douglas Edith Edmund Edward Eleanor Elijah Elizabeth Ellen Emily Emma Eric Esther Ethan
-Eugene Eva Evelyn Felix Fiona Florence Frances Francis Frank Frederick Gabriel George Gerald Gilbert
-Gloria Grace Gregory Hannah Harold Harriet Harry Hazel Helen Henry Herbert Hilda Howard Hugh Ian Irene
-Isaac Isabel Ivan Jack Jacob James Jane Janet Jasper Jean Jennifer Jeremy Jessica Joan Joel John
-Jonathan Joseph Joyce Judith Julia Julian Justin Karen Kathleen Keith Kenneth Laura Lawrence Leah
-Leonard Lillian Linda Lionel Lois Louis Lucy Luke Lydia Mabel Margaret Maria Mark Martha Martin Mary
-Matthew Maurice Michael Miriam Molly Nancy Naomi Nathan Neil Nicholas Nora Norman Oliver Olivia Oscar
-Owen Patricia Patrick Paul Pauline Peter Philip Phoebe Rachel Ralph Raymond Rebecca Richard Robert
-Roger Ronald Rose Ruth Samuel Sarah Simon Sophia Stanley Stella Stephen Susan Sylvia Teresa Thomas
-Timothy Ursula Valerie Victor Vincent Violet Walter Wendy Wilfred William Winifred Yvonne Zachary""".split()
+NAMES = """Aaron Abiathar Abner Abraham Abram Absalom Adam Ahab Ahasuerus Ahaz Ahaziah Almighty Amalek
+Amaziah Ammon Amorites Asa Asaph Asher Assyria Azariah Baal Babylon Balaam Bashan Beersheba Bel
+Ben Benaiah Benjamin Bethel Bethlehem Caesar Caleb Canaan Canaanites Carmel Chaldeans Christ
+Damascus Dan Daniel David Edom Egypt Egyptians Eleazar Eli Elias Elijah Elisha Ephraim Esau
+Esther Gad Galilee Gath Gedaliah Gentiles Gibeah Gibeon Gideon Gilead Gilgal Ham Haman Hamath
+Hebrew Hebron Herod Heshbon Hezekiah Hilkiah Hor Isaac Isaiah Ishmael Israel Issachar Jacob
+James Jebus Jehoiada Jehoiakim Jehoshaphat Jehu Jeremiah Jericho Jeroboam Jerusalem Jesse Jesus
+Jew Jews Jezreel Joab Joash Job John Jonathan Joram Jordan Joseph Joshua Josiah Juda Judaea
+Judah Judas Kir Kohath Laban Leah Lebanon Levi Levites Manasseh Mary Merari Micah Micha Midian
+Moab Mordecai Moses Naphtali Nathan Nebuchadnezzar Nebuchadrezzar Ner Noah Nun Obed Paul Peter
+Pharaoh Pharisees Philip Philistine Philistines Pilate Rachel Ramah Rebekah Rehob Rehoboam
+Reuben Samaria Samson Samuel Sarah Satan Saul Seir Selah Shaphan Sheba Shechem Shem Shemaiah
+Shiloh Shimei Sihon Simeon Simon Sinai Sodom Solomon Syria Syrians Tyre Zadok Zebul Zebulun
+Zechariah Zedekiah Zidon Zion""".split()
 
 
 def records(names):
