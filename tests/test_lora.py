@@ -187,3 +187,22 @@ def test_long_sequences_are_truncated_with_a_warning(setup, tmp_path):
     proc = cli(*lora_args(model_dir, data, tmp_path / "t", "--max-seq-length", "8", "--iters", "2"))
     assert proc.returncode == 0, proc.stderr
     assert "truncated to 8" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_chat_and_text_formats_train(setup, tmp_path, fmt):
+    _, model_dir, data = setup
+    out_data = tmp_path / fmt
+    out_data.mkdir()
+    for name in ("train", "valid"):
+        rows = [json.loads(l) for l in (data / f"{name}.jsonl").read_text().splitlines()]
+        if fmt == "chat":
+            conv = [{"messages": [{"role": "user", "content": r["prompt"]},
+                                  {"role": "assistant", "content": r["completion"]}]} for r in rows]
+        else:
+            conv = [{"text": r["prompt"] + r["completion"]} for r in rows]
+        (out_data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conv))
+    extra = ("--mask-prompt",) if fmt == "chat" else ()
+    run_lora(lora_args(model_dir, out_data, tmp_path / "a", "--iters", "4", *extra))
+    rows = losses(tmp_path / "a")
+    assert rows[-1][1] is not None and np.isfinite(rows[-1][1])
