@@ -66,6 +66,17 @@ def tiny_doge(seed=0, **overrides):
     return model
 
 
+RTOL_F32 = 2e-5  # float32 vs a float64 numpy reference: ~1e-6 observed
+
+
+def assert_close(ours, ref, rtol=RTOL_F32):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    err = float(np.max(np.abs(ours - ref)))
+    assert err <= rtol * scale, f"max|diff| {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
 def max_rel_err(ours, ref):
     """max|ours - ref| / max(1, max|ref|)."""
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)

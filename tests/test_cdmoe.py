@@ -25,15 +25,7 @@ import pytest
 from cheems_mlx.cdmoe import MLP, CDMoE, product_key_topk
 from cheems_mlx.model import ModelArgs
 
-RTOL_F32 = 2e-5
-
-
-def assert_close(ours, ref, rtol=RTOL_F32):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    err = float(np.max(np.abs(ours - ref)))
-    assert err <= rtol * scale, f"max|diff| {err:.3g} > {rtol:g} * {scale:.3g}"
+from conftest import RTOL_F32, assert_close  # noqa: E402
 
 
 def silu(z):
