@@ -40,6 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
         "non-causal across a full forward) or per_token (causal)",
     )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    q = p.add_argument_group(
+        "quantization",
+        "as in mlx_lm.convert; the model keeps its routers and dt_proj in floating point "
+        "(Model.quant_predicate). A quantized cheems_mlx folder is accepted only with "
+        "--dequantize: to quantize it with other settings, dequantize it first.",
+    )
+    q.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    q.add_argument("--q-bits", type=int, default=None, help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
+    q.add_argument("--q-group-size", type=int, default=None, help="group size: 32, 64 or 128 (default 64)")
+    q.add_argument(
+        "--q-mode",
+        default=None,
+        help="affine (default), mxfp4 (4 bits, group 32), nvfp4 (4 bits, group 16) or mxfp8 (8 bits, group 32)",
+    )
+    q.add_argument(
+        "--quant-predicate",
+        default=None,
+        help="mlx-lm mixed-bit recipe: mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6 (affine; sets the bits)",
+    )
+    q.add_argument("-d", "--dequantize", action="store_true", help="dequantize a quantized cheems_mlx folder")
     return p
 
 
@@ -57,6 +77,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             force=args.force,
             moe_routing=args.moe_routing,
             revision=args.revision,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            q_mode=args.q_mode,
+            quant_predicate=args.quant_predicate,
+            dequantize=args.dequantize,
         )
     except FormatError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

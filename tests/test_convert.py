@@ -595,7 +595,7 @@ def test_library_errors_are_format_errors(dense, tmp_path):
     with pytest.raises(FormatError, match="dtype"):
         convert(dense["path"], tmp_path / "out", dtype="float64")
     with pytest.raises(FormatError, match="quantization"):
-        convert(dense["path"], tmp_path / "out", quantize=True)
+        convert(dense["path"], tmp_path / "out", quantize=True, q_bits=7)
     with pytest.raises(FormatError, match="must not be"):
         convert(dense["path"], dense["path"], force=True)
     assert (dense["path"] / "model.safetensors").exists()

@@ -13,7 +13,8 @@ embedding (the word embedding and the CDMoE expert tables) by rounding at
 ``--fallback-bits`` (6). The RTN baseline reproduces exactly that layout with mlx-lm's
 ``quantize_model``; the table also shows the converter's own RTN output (model predicate:
 routers / dt_proj at 8 bits, everything else at ``--bits``). Perplexity: held-out
-windows of 256 (``cheems_mlx.evaluate.window_nll``), computed in float32.
+windows of 256 (``cheems_mlx.evaluate.window_nll``), computed in float32 through the
+dequantized layers (the same function as the quantized ones; see measure.py).
 """
 
 import argparse
@@ -36,7 +37,7 @@ def main(argv=None):
     from cheems_mlx.convert.convert import convert
     from cheems_mlx.evaluate import window_nll
     from cheems_mlx.loading import load_model_only
-    from mlx_lm.utils import compute_bits_per_weight, quantize_model
+    from mlx_lm.utils import compute_bits_per_weight, dequantize_model, quantize_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True)
@@ -73,6 +74,7 @@ def main(argv=None):
 
         def evaluate(name, model):
             bpw = compute_bits_per_weight(model)
+            model = dequantize_model(model)  # the same function, through fast float matmuls
             model.set_dtype(mx.float32)
             nll, count = window_nll(model, tokens, 256, max_windows=a.max_windows)
             rows.append((name, bpw, math.exp(nll)))

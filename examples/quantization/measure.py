@@ -190,7 +190,7 @@ def markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        change = "—" if r["variant"] == "float32" else f"{100 * r['perplexity_change']:+.2f}%"
+        change = "—" if r["variant"] == "float32" else f"{100 * r['perplexity_change']:+.2f}%".replace("-0.00", "+0.00")
         lines.append(
             f"| {r['variant']} | {r['file_bytes'] / 1e6:.2f} | {r['bits_per_weight']:.2f} | "
             f"{r['perplexity']:.4f} | {change} | {100 * r['top1_agreement']:.2f}% | "
@@ -258,7 +258,14 @@ def main(argv=None) -> int:
     if a.text is not None and not a.text.is_file():
         print(f"error: {a.text} not found", file=sys.stderr)
         return 1
-    report = measure(a)
+    from cheems_mlx.convert import FormatError
+    from cheems_mlx.loading import LoadError
+
+    try:
+        report = measure(a)
+    except (FormatError, LoadError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     table = markdown(report)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
