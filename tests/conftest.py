@@ -6,8 +6,27 @@ and import them into cheems_mlx through the same path a real checkpoint takes
 -> ``load_weights(strict=True)``). Used by ``test_transformers_parity.py``.
 """
 
+import os
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vectors_dir():
+    """The official reference vectors: $CHEEMS_VECTORS, or shared/vectors beside the
+    checkout (where CI puts it)."""
+    for cand in (os.environ.get("CHEEMS_VECTORS"), ROOT / "shared" / "vectors", ROOT.parent / "shared" / "vectors"):
+        if cand and (Path(cand) / "cheems_A").is_dir():
+            return Path(cand)
+    return None
+
+
+VECTORS = _vectors_dir()
+needs_vectors = pytest.mark.skipif(VECTORS is None, reason="reference vectors (shared/vectors) not found")
 
 
 def doge_to_mlx(hf_model, drop_keys=()):

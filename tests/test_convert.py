@@ -27,19 +27,7 @@ from cheems_mlx.model import Model, ModelArgs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _vectors_dir():
-    for cand in (
-        os.environ.get("CHEEMS_VECTORS"),
-        ROOT / "shared" / "vectors",
-        ROOT.parent / "shared" / "vectors",
-    ):
-        if cand and (Path(cand) / "cheems_A").is_dir():
-            return Path(cand)
-    return None
-
-
-VECTORS = _vectors_dir()
-needs_vectors = pytest.mark.skipif(VECTORS is None, reason="reference vectors (shared/vectors) not found")
+from conftest import VECTORS, needs_vectors  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
