@@ -41,7 +41,7 @@ def resolve_model_path(path_or_repo: Optional[Union[str, Path]], revision: Optio
         raise LoadError(f"model folder {path} does not exist")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo ...
@@ -58,19 +58,35 @@ def read_config(path: Path) -> Dict[str, Any]:
     if not cfg_file.exists():
         raise LoadError(f"{cfg_file} not found; is {path} a model folder?")
     try:
-        config = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{cfg_file} is not valid JSON: {e}") from None
-    if config.get("model_type") != "cheems" or "source_format" not in config:
-        raise LoadError(
-            f"{path} is not a converted cheems_mlx model (model_type={config.get('model_type')!r}); "
-            f"convert it first: python -m cheems_mlx.convert --hf-path {path} --mlx-path <out>"
-        )
-    return config
+
+
+def is_native(config: Dict[str, Any]) -> bool:
+    """A folder written by this project (converter, trainer, fuse)."""
+    return config.get("model_type") == "cheems" and "source_format" in config
+
+
+def import_checkpoint(path: Path, moe_routing: Optional[str] = None):
+    """A PyTorch checkpoint folder (any format the converter reads) mapped in memory:
+    (model, native config). Same checks as ``python -m cheems_mlx.convert``."""
+    try:
+        from .convert.convert import build_model, load_weights
+        from .convert.convert import read_config as read_source_config
+        from .convert.formats import FormatError
+    except ImportError as e:  # pragma: no cover - an install without the convert package
+        raise LoadError(f"{path} is not a converted model and the converter is unavailable ({e})") from None
+    try:
+        config, config_path = read_source_config(path)
+        converted = build_model(config, load_weights(path), config_path, moe_routing)
+    except FormatError as e:
+        raise LoadError(str(e)) from None
+    converted.model.eval()
+    return converted.model, dict(converted.config)
 
 
 def load_model_only(path: Path, lazy: bool = False, model_config: Optional[dict] = None):
-    read_config(path)
     overrides = {"model_file": None}  # we pass our classes directly; never exec the folder's file
     overrides.update(model_config or {})
     try:
@@ -107,12 +123,17 @@ def load(
     revision: Optional[str] = None,
     return_config: bool = False,
 ) -> Tuple:
-    """Load a converted model and its tokenizer (mlx-lm's ``TokenizerWrapper``).
+    """Load a model and its tokenizer (mlx-lm's ``TokenizerWrapper``).
 
-    ``path_or_repo=None`` loads the embedded default model.
+    ``path_or_repo``: a converted folder, an unconverted PyTorch checkpoint folder
+    (official Cheems, transformers Doge, legacy Doge -- mapped in memory exactly as the
+    converter does), or a Hub repo id; ``None`` loads the embedded default model.
     """
     path = resolve_model_path(path_or_repo, revision)
-    model, config = load_model_only(path, lazy=lazy, model_config=model_config)
+    if is_native(read_config(path)):
+        model, config = load_model_only(path, lazy=lazy, model_config=model_config)
+    else:  # an official Cheems / transformers Doge / legacy Doge checkpoint: map it in memory
+        model, config = import_checkpoint(path, moe_routing=(model_config or {}).get("moe_routing"))
     if adapter_path is not None:
         from .lora import LoRAError, load_adapters
 
