@@ -394,6 +394,15 @@ def _load_sharded(index_path: Path, loader, sw: SourceWeights):
             sw.add(key, tensors[key], path)
 
 
+def _load_files(paths, loader, kind: str, sw: SourceWeights) -> SourceWeights:
+    sw.kind = kind
+    for path in paths:
+        sw.files.append(path)
+        for k, v in loader(path).items():
+            sw.add(k, v, path)
+    return sw
+
+
 def load_weights(folder: Path) -> SourceWeights:
     """All tensors of the checkpoint in ``folder`` (safetensors preferred over PyTorch)."""
     sw = SourceWeights()
@@ -407,12 +416,7 @@ def load_weights(folder: Path) -> SourceWeights:
         folder.glob("model*.safetensors")
     )
     if st_files:
-        sw.kind = "safetensors"
-        for path in st_files:
-            sw.files.append(path)
-            for k, v in load_safetensors(path).items():
-                sw.add(k, v, path)
-        return sw
+        return _load_files(st_files, load_safetensors, "safetensors", sw)
     if pt_index.is_file():
         sw.kind = "pytorch"
         _load_sharded(pt_index, load_torch, sw)
@@ -424,12 +428,7 @@ def load_weights(folder: Path) -> SourceWeights:
             p for p in list(folder.glob("*.bin")) + list(folder.glob("*.pt")) if not _NOT_WEIGHTS.match(p.name)
         )
     if pt_files:
-        sw.kind = "pytorch"
-        for path in pt_files:
-            sw.files.append(path)
-            for k, v in load_torch(path).items():
-                sw.add(k, v, path)
-        return sw
+        return _load_files(pt_files, load_torch, "pytorch", sw)
     raise _fail(
         f"no weights found in {folder}: expected model.safetensors, sharded safetensors with "
         f"model.safetensors.index.json, pytorch_model.bin (or *.bin / *.pt, sharded with "
