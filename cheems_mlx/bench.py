@@ -2,8 +2,9 @@
 side in one run and write JSON, a markdown table and a PNG.
 
 Suites: ``experts`` (CDMoE vs a classic full-softmax-router MoE over the same rank-1
-experts vs mlx-lm's SwitchGLU). The others of the benchmark plan (decode, prefill,
-attention, ssd, kernels) are not written yet and say so.
+experts vs mlx-lm's SwitchGLU); ``ssd`` (the chunked scan vs the token recurrence vs
+mlx-lm's ``ssm_attn`` at equal shapes, and a chunk-size sweep). The others of the
+benchmark plan (decode, prefill, attention, kernels) are not written yet and say so.
 
 Ratios, not absolute times, are what to compare across machines. On Linux the run
 reports whether OpenBLAS is preloaded (MLX's float32 matmuls go through cblas there).
@@ -187,17 +188,105 @@ def suite_experts(out: Path, d=512, top_k=16, prefill=2048, sizes=(256, 1024, 40
     return result
 
 
+# --------------------------------------------------------------------------- ssd
+
+
+def suite_ssd(out: Path, heads=8, head_dim=64, lengths=(1024, 4096), chunks=(64, 128, 256, 512)):
+    """Prefill-style scans over L tokens (batch 1, H heads, P = N = head_dim), float32."""
+    from mlx_lm.models.ssm import ssm_attn
+
+    from .ssd import ssd_chunked_scan, ssd_step
+
+    rows = []
+    for L in lengths:
+        mx.random.seed(0)
+        x = mx.random.normal((1, L, heads, head_dim))
+        B = mx.random.normal((1, L, heads, head_dim)) * 0.3
+        C = mx.random.normal((1, L, heads, head_dim)) * 0.3
+        dt_raw = mx.random.normal((1, L, heads))
+        dt = nn.softplus(dt_raw)
+        A = -mx.arange(1, heads + 1, dtype=mx.float32) / heads
+        ref, _ = ssd_chunked_scan(x, dt, A, B, C, 256)
+
+        def recurrence():
+            state, ys = None, []
+            for t in range(L):
+                y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+                ys.append(y)
+                if t % 256 == 255:
+                    mx.eval(state, ys)
+            return mx.stack(ys, axis=1)
+
+        # mlx-lm's SSD with the same math: A = -exp(A_log), D = 0, dt_bias = 0, no dt clamp
+        A_log = mx.log(-A)
+        zeros = mx.zeros((heads,))
+
+        def mlx_lm_ssd():
+            return ssm_attn(x, A_log, B, C, zeros, dt_raw, zeros, None, (0.0, float("inf")))[0]
+
+        err = float(mx.abs(mlx_lm_ssd() - ref).max() / mx.maximum(mx.abs(ref).max(), 1.0))
+        cases = [(f"chunked Q={q}", lambda q=q: ssd_chunked_scan(x, dt, A, B, C, q)[0]) for q in chunks]
+        cases += [("mlx-lm ssm_attn (256)", mlx_lm_ssd), ("recurrence", recurrence)]
+        for name, fn in cases:
+            ms = 1e3 * timeit(fn, reps=1 if name == "recurrence" else 3)
+            rows.append({"length": L, "method": name, "ms": ms, "tokens_per_s": L / ms * 1e3,
+                         "peak_mib": peak_memory(fn) if name != "recurrence" else None})
+            print(f"L={L:>5} {name:>22}: {ms:9.1f} ms", flush=True)
+        rows.append({"length": L, "method": "mlx-lm vs ours: max rel diff", "value": err})
+    result = {"suite": "ssd", "machine": machine(), "dtype": "float32", "heads": heads, "head_dim": head_dim,
+              "rows": rows}
+    (out / "ssd.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
+             f"BLAS: {result['machine']['blas']}, float32, batch 1, {heads} heads x {head_dim} (P = N).", "",
+             "| tokens | method | ms | tokens/s | peak MiB |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "ms" in r:
+            peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+            lines.append(f"| {r['length']} | {r['method']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} |")
+    lines.append("")
+    for r in rows:
+        if "value" in r:
+            lines.append(f"- L={r['length']}: mlx-lm ssm_attn vs our chunked scan, max |diff| / max |y| = {r['value']:.1e}")
+    (out / "ssd.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for L in lengths:
+            pts = [(int(r["method"].split("=")[1]), r["ms"]) for r in rows
+                   if r.get("length") == L and r["method"].startswith("chunked")]
+            ax.plot(*zip(*pts), "o-", label=f"chunked, L={L}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size Q")
+        ax.set_ylabel("ms")
+        ax.set_title("SSD chunked scan: chunk-size sweep")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "ssd.png", dpi=110)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="experts suite: expert counts")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="experts: expert counts; ssd: sequence lengths")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(machine()))
     if a.suite in ("experts", "all"):
         suite_experts(a.out, **({"sizes": tuple(a.sizes)} if a.sizes else {}))
-    others = [s for s in SUITES[1:-1] if a.suite in (s, "all")]
+    if a.suite in ("ssd", "all"):
+        suite_ssd(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "ssd" else {}))
+    others = [s for s in ("decode", "prefill", "attention", "kernels") if a.suite in (s, "all")]
     for s in others:
         print(f"suite {s!r} is not implemented yet", file=sys.stderr)
     return 1 if others and a.suite != "all" else 0

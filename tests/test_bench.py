@@ -14,6 +14,15 @@ def test_experts_suite_writes_its_outputs(tmp_path):
     assert (tmp_path / "experts.png").stat().st_size > 1000
 
 
+def test_ssd_suite_writes_its_outputs_and_agrees_with_mlx_lm(tmp_path):
+    assert main(["ssd", "--out", str(tmp_path), "--sizes", "128"]) == 0
+    result = json.loads((tmp_path / "ssd.json").read_text())
+    methods = {r["method"] for r in result["rows"]}
+    assert {"recurrence", "mlx-lm ssm_attn (256)", "chunked Q=64"} <= methods
+    diff = next(r["value"] for r in result["rows"] if "value" in r)
+    assert diff < 1e-5  # mlx-lm's independent SSD implementation computes the same scan
+
+
 def test_unwritten_suites_say_so(tmp_path, capsys):
     assert main(["decode", "--out", str(tmp_path)]) == 1
     assert "not implemented yet" in capsys.readouterr().err
