@@ -3,8 +3,10 @@ side in one run and write JSON, a markdown table and a PNG.
 
 Suites: ``experts`` (CDMoE vs a classic full-softmax-router MoE over the same rank-1
 experts vs mlx-lm's SwitchGLU); ``ssd`` (the chunked scan vs the token recurrence vs
-mlx-lm's ``ssm_attn`` at equal shapes, and a chunk-size sweep). The others of the
-benchmark plan (decode, prefill, attention, kernels) are not written yet and say so.
+mlx-lm's ``ssm_attn`` at equal shapes, and a chunk-size sweep); ``attention`` (the DMA
+ops path with keep-window W against dense causal attention: prefill and decode with a
+long cache). The others of the benchmark plan (decode, prefill, kernels) are not written
+yet and say so.
 
 Ratios, not absolute times, are what to compare across machines. On Linux the run
 reports whether OpenBLAS is preloaded (MLX's float32 matmuls go through cblas there).
@@ -188,6 +190,120 @@ def suite_experts(out: Path, d=512, top_k=16, prefill=2048, sizes=(256, 1024, 40
     return result
 
 
+# --------------------------------------------------------------------------- attention
+
+
+def suite_attention(out: Path, lengths=(1024, 4096, 16384), windows=(256, 1024), d=512, heads=8, kv_heads=4,
+                    step=2048):
+    """One attention layer: prefill of L tokens in mlx-lm's 2,048-token steps through the
+    cache, then the time of one decode step against the L-token cache."""
+    from mlx_lm.models.base import create_causal_mask
+    from mlx_lm.models.cache import KVCache
+
+    from .dma import DynamicMaskAttention
+    from .model import ModelArgs
+
+    class DenseAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            P = d // heads
+            self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, kv_heads * P, bias=False)
+            self.v_proj, self.o_proj = nn.Linear(d, kv_heads * P, bias=False), nn.Linear(d, d, bias=False)
+            self.rope = nn.RoPE(P)
+
+        def __call__(self, x, cache):
+            b, l, _ = x.shape
+            P = d // heads
+            q = self.q_proj(x).reshape(b, l, heads, P).transpose(0, 2, 1, 3)
+            k = self.k_proj(x).reshape(b, l, kv_heads, P).transpose(0, 2, 1, 3)
+            v = self.v_proj(x).reshape(b, l, kv_heads, P).transpose(0, 2, 1, 3)
+            q, k = self.rope(q, offset=cache[0].offset), self.rope(k, offset=cache[0].offset)
+            mask = create_causal_mask(l, cache[0].offset) if l > 1 else None
+            k, v = cache[0].update_and_fetch(k, v)
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=P**-0.5, mask=mask)
+            return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, l, d))
+
+    def dma(w):
+        args = ModelArgs(hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         num_hidden_layers=1, layers_type=["attn"], keep_window_size=w)
+        layer = DynamicMaskAttention(args)
+        layer.A = mx.random.uniform(-1, 1, layer.A.shape)
+        return layer
+
+    designs = [("dense", DenseAttention, lambda: [KVCache()])]
+    for w in windows:
+        designs.append((f"dma W={w}", lambda w=w: dma(w), lambda: [KVCache(), KVCache()]))
+    rows = []
+    for L in lengths:
+        mx.random.seed(0)
+        x = mx.random.normal((1, L, d)) * 0.5
+        for name, make, make_cache in designs:
+            layer = make()
+            mx.eval(layer.parameters())
+
+            def prefill():
+                cache = make_cache()
+                for i in range(0, L, step):
+                    mx.eval(layer(x[:, i : i + step], cache))
+                return cache
+
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            tic = time.perf_counter()
+            cache = prefill()
+            prefill_s = time.perf_counter() - tic
+            peak = mx.get_peak_memory() / 2**20
+            tok = x[:, -1:]
+            times = []
+            for _ in range(5):
+                tic = time.perf_counter()
+                mx.eval(layer(tok, cache))
+                times.append(time.perf_counter() - tic)
+                for c in cache:  # keep the cache at L tokens
+                    c.trim(1)
+            rows.append({"length": L, "design": name, "prefill_ms": 1e3 * prefill_s,
+                         "decode_ms": 1e3 * statistics.median(times), "prefill_peak_mib": peak})
+            print(f"L={L:>6} {name:>12}: prefill {1e3 * prefill_s:10.1f} ms  decode {rows[-1]['decode_ms']:8.2f} ms  "
+                  f"peak {peak:8.0f} MiB", flush=True)
+            del layer, cache
+    result = {"suite": "attention", "machine": machine(), "dtype": "float32", "hidden_size": d, "heads": heads,
+              "kv_heads": kv_heads, "prefill_step": step, "rows": rows}
+    (out / "attention.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
+             f"BLAS: {result['machine']['blas']}, float32, one layer d={d}, {heads}/{kv_heads} heads, "
+             f"prefill in steps of {step}.", "",
+             "| tokens | design | prefill ms | decode ms (1 token, L cached) | prefill peak MiB |",
+             "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['length']} | {r['design']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
+                     f"{r['prefill_peak_mib']:.0f} |")
+    (out / "attention.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, title in ((axes[0], "prefill_ms", "prefill"), (axes[1], "decode_ms", "decode, 1 token")):
+            for name, _, _ in designs:
+                pts = [(r["length"], r[key]) for r in rows if r["design"] == name]
+                ax.plot(*zip(*pts), "o-", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("ms")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "attention.png", dpi=110)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return result
+
+
 # --------------------------------------------------------------------------- ssd
 
 
@@ -278,15 +394,17 @@ def main(argv=None) -> int:
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="experts: expert counts; ssd: sequence lengths")
+                   help="experts: expert counts; ssd / attention: sequence lengths")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(machine()))
     if a.suite in ("experts", "all"):
         suite_experts(a.out, **({"sizes": tuple(a.sizes)} if a.sizes else {}))
+    if a.suite in ("attention", "all"):
+        suite_attention(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "attention" else {}))
     if a.suite in ("ssd", "all"):
         suite_ssd(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "ssd" else {}))
-    others = [s for s in ("decode", "prefill", "attention", "kernels") if a.suite in (s, "all")]
+    others = [s for s in ("decode", "prefill", "kernels") if a.suite in (s, "all")]
     for s in others:
         print(f"suite {s!r} is not implemented yet", file=sys.stderr)
     return 1 if others and a.suite != "all" else 0

@@ -23,6 +23,13 @@ def test_ssd_suite_writes_its_outputs_and_agrees_with_mlx_lm(tmp_path):
     assert diff < 1e-5  # mlx-lm's independent SSD implementation computes the same scan
 
 
+def test_attention_suite_writes_its_outputs(tmp_path):
+    assert main(["attention", "--out", str(tmp_path), "--sizes", "256"]) == 0
+    result = json.loads((tmp_path / "attention.json").read_text())
+    assert {r["design"] for r in result["rows"]} == {"dense", "dma W=256", "dma W=1024"}
+    assert (tmp_path / "attention.png").exists()
+
+
 def test_unwritten_suites_say_so(tmp_path, capsys):
     assert main(["decode", "--out", str(tmp_path)]) == 1
     assert "not implemented yet" in capsys.readouterr().err
