@@ -5,8 +5,9 @@ Suites: ``experts`` (CDMoE vs a classic full-softmax-router MoE over the same ra
 experts vs mlx-lm's SwitchGLU); ``ssd`` (the chunked scan vs the token recurrence vs
 mlx-lm's ``ssm_attn`` at equal shapes, and a chunk-size sweep); ``attention`` (the DMA
 ops path with keep-window W against dense causal attention: prefill and decode with a
-long cache). The others of the benchmark plan (decode, prefill, kernels) are not written
-yet and say so.
+long cache); ``decode`` / ``prefill`` (one run: cheems_mlx through mlx-lm's generation
+loop vs transformers on the same converted checkpoint vs mlx-lm's Llama of the same size,
+and the memory-bandwidth floor). ``kernels`` is not written yet and says so.
 
 Ratios, not absolute times, are what to compare across machines. On Linux the run
 reports whether OpenBLAS is preloaded (MLX's float32 matmuls go through cblas there).
@@ -187,6 +188,130 @@ def suite_experts(out: Path, d=512, top_k=16, prefill=2048, sizes=(256, 1024, 40
         plt.close(fig)
     except ImportError:
         pass
+    return result
+
+
+# --------------------------------------------------------------------------- decode / prefill
+
+
+def measure_bandwidth(mib=512) -> float:
+    """Bytes per second of a large memory copy (read + write), the decode floor's unit:
+    the best of numpy's memcpy and an MLX copy."""
+    import numpy as np
+
+    src = np.ones(mib * 2**20 // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = []
+    for _ in range(5):
+        tic = time.perf_counter()
+        np.copyto(dst, src)
+        best.append(time.perf_counter() - tic)
+    a = mx.random.normal((mib * 2**20 // 4,))
+    mx.eval(a)
+    t_mlx = timeit(lambda: a * 1.0, reps=5)
+    return 2 * src.nbytes / min(min(best), t_mlx)
+
+
+def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, threads=None):
+    """cheems_mlx (a transformers Doge of ~60M parameters, converted) through mlx-lm's
+    generate_step, against transformers' generate on the same checkpoint (PyTorch CPU,
+    same thread count) and mlx-lm's Llama of the same size; float32, greedy."""
+    import tempfile
+
+    import numpy as np
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import llama
+
+    try:
+        import torch
+        from transformers import DogeConfig, DogeForCausalLM
+    except ImportError as e:
+        raise SystemExit(f"the decode / prefill suites need torch and transformers: {e}")
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    cfg = dict(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+               tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = DogeForCausalLM(DogeConfig(**cfg)).eval()
+    with torch.no_grad():
+        for n, p_ in hf.named_parameters():
+            if n.endswith("self_attn.A"):
+                p_.copy_(torch.randn(p_.shape))
+    n_params = sum(p_.numel() for p_ in hf.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(f"{tmp}/hf")
+        from .loading import load_model_only
+        from .convert.convert import convert
+
+        convert(f"{tmp}/hf", f"{tmp}/mlx", dtype="float32", verbose=False)
+        ours, _ = load_model_only(Path(f"{tmp}/mlx"))
+    largs = llama.ModelArgs(model_type="llama", hidden_size=512, num_hidden_layers=8, intermediate_size=2048,
+                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=32768,
+                            tie_word_embeddings=True)
+    lm = llama.Model(largs)
+    mx.eval(lm.parameters(), ours.parameters())
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
+    bandwidth = measure_bandwidth()
+
+    def mlx_run(model, prompt):
+        ids = mx.array(np.random.default_rng(0).integers(3, 32768, prompt))
+        tic = time.perf_counter()
+        first = None
+        n = 0
+        for tok, _ in generate_step(ids, model, max_tokens=new_tokens):
+            if first is None:
+                first = time.perf_counter()
+            n += 1
+        end = time.perf_counter()
+        return prompt / (first - tic), (n - 1) / (end - first)
+
+    def hf_run(prompt):
+        ids = torch.tensor(np.random.default_rng(0).integers(3, 32768, prompt))[None]
+        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            tic = time.perf_counter()
+            hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+            first = time.perf_counter() - tic
+            tic = time.perf_counter()
+            hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            total = time.perf_counter() - tic
+        return prompt / first, (new_tokens - 1) / max(total - first, 1e-9)
+
+    rows = []
+    for prompt in prompts:
+        mlx_run(ours, 16)  # warm-up
+        for name, fn in (("cheems_mlx", lambda: mlx_run(ours, prompt)),
+                         ("transformers (torch CPU)", lambda: hf_run(prompt)),
+                         ("mlx-lm llama", lambda: mlx_run(lm, prompt))):
+            pre, dec = fn()
+            rows.append({"prompt": prompt, "system": name, "prefill_tps": pre, "decode_tps": dec})
+            print(f"prompt {prompt:>5} {name:>26}: prefill {pre:9.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
+        # the floor: every decode step reads all weights and the K/V cache (fp32) once
+        kv_bytes = 4 * (prompt + new_tokens // 2) * 2 * cfg["num_key_value_heads"] * (512 // 4) * cfg["num_hidden_layers"]
+        rows.append({"prompt": prompt, "system": "bandwidth floor", "decode_tps": bandwidth / (weight_bytes + kv_bytes)})
+    for r in rows:
+        base = next(x for x in rows if x["prompt"] == r["prompt"] and x["system"] == "transformers (torch CPU)")
+        r["decode_vs_transformers"] = r["decode_tps"] / base["decode_tps"]
+        floor = next(x for x in rows if x["prompt"] == r["prompt"] and x["system"] == "bandwidth floor")
+        r["decode_of_floor"] = r["decode_tps"] / floor["decode_tps"]
+        if "prefill_tps" in r:
+            r["prefill_vs_transformers"] = r["prefill_tps"] / base["prefill_tps"]
+    result = {"suite": "decode+prefill", "machine": machine(), "dtype": "float32", "threads": threads,
+              "parameters": n_params, "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth / 1e9,
+              "new_tokens": new_tokens, "config": cfg, "rows": rows}
+    (out / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Machine: {result['machine']['platform']}, {threads} threads, BLAS: {result['machine']['blas']}, "
+             f"float32; transformers Doge {n_params / 1e6:.1f}M parameters (d 512, 8 layers, vocab 32768, tied), "
+             f"{new_tokens} generated tokens; copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
+             "| prompt | system | prefill tok/s | x transformers | decode tok/s | x transformers | of floor |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pre = f"{r['prefill_tps']:.0f} | {r['prefill_vs_transformers']:.2f}" if "prefill_tps" in r else "-- | --"
+        lines.append(f"| {r['prompt']} | {r['system']} | {pre} | {r['decode_tps']:.1f} | "
+                     f"{r['decode_vs_transformers']:.2f} | {r['decode_of_floor']:.2f} |")
+    (out / "generation.md").write_text("\n".join(lines) + "\n")
     return result
 
 
@@ -400,11 +525,13 @@ def main(argv=None) -> int:
     print(json.dumps(machine()))
     if a.suite in ("experts", "all"):
         suite_experts(a.out, **({"sizes": tuple(a.sizes)} if a.sizes else {}))
+    if a.suite in ("decode", "prefill", "all"):
+        suite_generation(a.out, **({"prompts": tuple(a.sizes)} if a.sizes and a.suite != "all" else {}))
     if a.suite in ("attention", "all"):
         suite_attention(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "attention" else {}))
     if a.suite in ("ssd", "all"):
         suite_ssd(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "ssd" else {}))
-    others = [s for s in ("decode", "prefill", "kernels") if a.suite in (s, "all")]
+    others = [s for s in ("kernels",) if a.suite in (s, "all")]
     for s in others:
         print(f"suite {s!r} is not implemented yet", file=sys.stderr)
     return 1 if others and a.suite != "all" else 0

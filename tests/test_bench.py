@@ -31,7 +31,7 @@ def test_attention_suite_writes_its_outputs(tmp_path):
 
 
 def test_unwritten_suites_say_so(tmp_path, capsys):
-    assert main(["decode", "--out", str(tmp_path)]) == 1
+    assert main(["kernels", "--out", str(tmp_path)]) == 1
     assert "not implemented yet" in capsys.readouterr().err
 
 
