@@ -39,13 +39,14 @@ from .model import Model, ModelArgs
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # A plain-text "chat" template for models pretrained on running text: messages are
-# concatenated (system first, on its own line), an assistant turn ends with </s>, and
+# concatenated (a system message first, then a space), an assistant turn ends with </s>, and
 # the generation prompt adds nothing -- so chat-style requests, mlx-lm's chat and
 # completion fine-tuning datasets and --system-prompt work, and a single user message
-# renders exactly as the plain prompt would.
+# encodes exactly as the plain prompt does (the space after <s> gives the first word
+# sentencepiece's word-start marker, as plain encoding does).
 PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{{ bos_token }} {% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }} "
     "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
 )

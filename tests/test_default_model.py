@@ -48,3 +48,16 @@ def test_generate_cli_on_the_default_model_offline(tmp_path):
     words = proc.stdout.split()
     assert len(words) >= 10
     assert sum(w.strip(",.;:").lower() in {"the", "and", "of", "unto", "he", "i", "that", "lord"} for w in words) >= 3
+
+
+def test_chat_template_encodes_like_the_plain_prompt():
+    """The default model was pretrained on running text: chat requests (server, CLI,
+    fine-tuning data) must reach it as the same tokens as the plain prompt."""
+    _, tok = cheems_mlx.load()
+    for msgs, plain in (
+        ([{"role": "user", "content": "And God said"}], "And God said"),
+        ([{"role": "system", "content": "In the beginning"}, {"role": "user", "content": "God said"}],
+         "In the beginning God said"),
+    ):
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert tok.encode(text, add_special_tokens=False) == tok.encode(plain)
