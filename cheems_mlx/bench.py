@@ -26,6 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .plots import line_plot
+
 SUITES = ("experts", "decode", "prefill", "attention", "ssd", "kernels", "all")
 
 
@@ -165,29 +167,11 @@ def suite_experts(out: Path, d=512, top_k=16, prefill=2048, sizes=(256, 1024, 40
                      f"{r['prefill_vs_cdmoe']:.2f} | {r['decode_ms']:.3f} | {r['decode_vs_cdmoe']:.2f} | "
                      f"{r['prefill_peak_mib']:.0f} |")
     (out / "experts.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key, title in ((axes[0], "prefill_ms", f"prefill ({prefill} tokens)"), (axes[1], "decode_ms", "decode (1 token)")):
-            for name in designs:
-                pts = [(r["experts"], r[key]) for r in rows if r["design"] == name]
-                ax.plot(*zip(*pts), "o-", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("experts")
-            ax.set_ylabel("ms")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "experts.png", dpi=110)
-        plt.close(fig)
-    except ImportError:
-        pass
+    line_plot(out / "experts.png", [
+        {"title": title, "xlabel": "experts", "ylabel": "ms", "logx": 2, "logy": True,
+         "series": {name: [(r["experts"], r[key]) for r in rows if r["design"] == name] for name in designs}}
+        for key, title in (("prefill_ms", f"prefill ({prefill} tokens)"), ("decode_ms", "decode (1 token)"))
+    ])
     return result
 
 
@@ -403,29 +387,11 @@ def suite_attention(out: Path, lengths=(1024, 4096, 16384), windows=(256, 1024),
         lines.append(f"| {r['length']} | {r['design']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
                      f"{r['prefill_peak_mib']:.0f} |")
     (out / "attention.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key, title in ((axes[0], "prefill_ms", "prefill"), (axes[1], "decode_ms", "decode, 1 token")):
-            for name, _, _ in designs:
-                pts = [(r["length"], r[key]) for r in rows if r["design"] == name]
-                ax.plot(*zip(*pts), "o-", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("ms")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "attention.png", dpi=110)
-        plt.close(fig)
-    except ImportError:
-        pass
+    line_plot(out / "attention.png", [
+        {"title": title, "xlabel": "tokens", "ylabel": "ms", "logx": 2, "logy": True,
+         "series": {name: [(r["length"], r[key]) for r in rows if r["design"] == name] for name, _, _ in designs}}
+        for key, title in (("prefill_ms", "prefill"), ("decode_ms", "decode, 1 token"))
+    ])
     return result
 
 
@@ -489,28 +455,11 @@ def suite_ssd(out: Path, heads=8, head_dim=64, lengths=(1024, 4096), chunks=(64,
         if "value" in r:
             lines.append(f"- L={r['length']}: mlx-lm ssm_attn vs our chunked scan, max |diff| / max |y| = {r['value']:.1e}")
     (out / "ssd.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for L in lengths:
-            pts = [(int(r["method"].split("=")[1]), r["ms"]) for r in rows
-                   if r.get("length") == L and r["method"].startswith("chunked")]
-            ax.plot(*zip(*pts), "o-", label=f"chunked, L={L}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("chunk size Q")
-        ax.set_ylabel("ms")
-        ax.set_title("SSD chunked scan: chunk-size sweep")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "ssd.png", dpi=110)
-        plt.close(fig)
-    except ImportError:
-        pass
+    line_plot(out / "ssd.png", [{
+        "title": "SSD chunked scan: chunk-size sweep", "xlabel": "chunk size Q", "ylabel": "ms", "logx": 2,
+        "series": {f"chunked, L={L}": [(int(r["method"].split("=")[1]), r["ms"]) for r in rows
+                                        if r.get("length") == L and r["method"].startswith("chunked")]
+                   for L in lengths}}])
     return result
 
 

@@ -38,6 +38,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .plots import loss_curve
+
 # target name -> module paths relative to a decoder layer
 TARGETS: Dict[str, List[str]] = {
     "q_proj": ["attn.q_proj"],
@@ -254,32 +256,6 @@ def load_datasets(args, tokenizer, log=print):
 # --------------------------------------------------------------------------- training
 
 
-def _plot(metrics_file: Path, out: Path, title: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
-    tr = [(r["iteration"], r["train_loss"]) for r in rows if "train_loss" in r]
-    va = [(r["iteration"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train")
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 def _save_checkpoint(adapter_path: Path, model, optimizer, it: int):
     ckpt = adapter_path / "checkpoints" / f"{it:07d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
@@ -412,7 +388,7 @@ def train(args, model, train_set, valid_set, log=print):
             losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
         if it % args.save_every == 0 or it == args.iters:
             _save_checkpoint(adapter_path, model, optimizer, it)
-            _plot(metrics_file, adapter_path / "loss.png", f"{args.fine_tune_type} on {args.data}")
+            loss_curve(metrics_file, adapter_path / "loss.png", f"{args.fine_tune_type} on {args.data}", "iteration")
     metrics.close()
     if args.iters <= start:
         log(f"Nothing to do: the run already reached iteration {start}")

@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .model import Model, ModelArgs
+from .plots import loss_curve
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -223,30 +224,7 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
 
 
 def plot_losses(run: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)", file=sys.stderr)
-        return
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train", lw=1)
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(run.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / "loss.png", dpi=110)
-    plt.close(fig)
+    loss_curve(run / "metrics.jsonl", run / "loss.png", run.name, "step", "cross-entropy (nats/token)")
 
 
 def fit(

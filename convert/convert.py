@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from cheems_mlx.loading import is_native
 from cheems_mlx.io import DTYPES, SHIM, SHIM_NAME, OutputExistsError, cast_model, check_destination, save_model_dir
 
 from .formats import FormatError, detect_format, native_config, native_key
@@ -495,13 +496,7 @@ def build_model(
         raise _fail(f"{config_path}: {e}") from None
     nconfig.pop("model_file", None)
     if moe_routing is not None:
-        if moe_routing not in ROUTINGS:
-            raise _fail(f"unknown moe_routing {moe_routing!r}; expected one of {ROUTINGS}")
-        if moe_routing == "transformers_reshape" and nconfig.get("moe_router", "queries") != "router_gate":
-            raise _fail(
-                f"moe_routing 'transformers_reshape' applies only to Doge checkpoints (router_gate); "
-                f"this one is {fmt!r}"
-            )
+        _check_routing(moe_routing, nconfig, fmt)
         nconfig["moe_routing"] = moe_routing
 
     try:
@@ -578,9 +573,6 @@ def _dtype_name(d) -> str:
     return str(d).replace("mlx.core.", "")
 
 
-def _is_converted_folder(config: dict) -> bool:
-    """A folder this project wrote (converter or trainer export)."""
-    return config.get("model_type") == "cheems" and "source_format" in config
 
 
 def _check_routing(moe_routing: Optional[str], nconfig: dict, fmt: str) -> None:
@@ -682,7 +674,7 @@ def convert(
         raise _fail(f"the output folder {dst} must not be (or contain) the source folder {src}")
     config, config_path = read_config(src)
     src_quant = config.get("quantization") or config.get("quantization_config")
-    if src_quant and _is_converted_folder(config):
+    if src_quant and is_native(config):
         if not dequantize:
             again = (
                 "it cannot be quantized again (re-quantizing compounds the rounding error): quantize the "
