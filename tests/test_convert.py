@@ -370,11 +370,17 @@ def test_safetensors_header_inconsistent_with_shape(dense, tmp_path, capsys):
     assert_fails(["--hf-path", src, "--mlx-path", dst], capsys, dst, src / "model.safetensors", repr(name))
 
 
-def test_missing_tensor(dense, tmp_path, capsys):
+def edited_checkpoint(dense, tmp_path, edit):
+    """A copy of the dense checkpoint whose weights dict went through ``edit``."""
     src = copy_checkpoint(dense["path"], tmp_path / "src")
     w = mx.load(str(src / "model.safetensors"))
-    del w["model.layers.1.self_attn.o_proj.weight"]
+    edit(w)
     mx.save_safetensors(str(src / "model.safetensors"), w)
+    return src
+
+
+def test_missing_tensor(dense, tmp_path, capsys):
+    src = edited_checkpoint(dense, tmp_path, lambda w: w.pop("model.layers.1.self_attn.o_proj.weight"))
     dst = tmp_path / "out"
     assert_fails(
         ["--hf-path", src, "--mlx-path", dst],
@@ -388,10 +394,7 @@ def test_missing_tensor(dense, tmp_path, capsys):
 
 
 def test_misshapen_tensor(dense, tmp_path, capsys):
-    src = copy_checkpoint(dense["path"], tmp_path / "src")
-    w = mx.load(str(src / "model.safetensors"))
-    w["model.layers.0.mlp.up_proj.weight"] = mx.zeros((60, 32))
-    mx.save_safetensors(str(src / "model.safetensors"), w)
+    src = edited_checkpoint(dense, tmp_path, lambda w: w.update({"model.layers.0.mlp.up_proj.weight": mx.zeros((60, 32))}))
     dst = tmp_path / "out"
     assert_fails(
         ["--hf-path", src, "--mlx-path", dst],
@@ -405,10 +408,7 @@ def test_misshapen_tensor(dense, tmp_path, capsys):
 
 
 def test_unexpected_tensor(dense, tmp_path, capsys):
-    src = copy_checkpoint(dense["path"], tmp_path / "src")
-    w = mx.load(str(src / "model.safetensors"))
-    w["model.layers.0.mlp.extra.weight"] = mx.zeros((4, 4))
-    mx.save_safetensors(str(src / "model.safetensors"), w)
+    src = edited_checkpoint(dense, tmp_path, lambda w: w.update({"model.layers.0.mlp.extra.weight": mx.zeros((4, 4))}))
     dst = tmp_path / "out"
     assert_fails(
         ["--hf-path", src, "--mlx-path", dst], capsys, dst, "'model.layers.0.mlp.extra.weight'", "unexpected"
