@@ -1,0 +1,90 @@
+"""Metal kernels: loading the sources in ``metal_kernels/`` and deciding when to use them.
+
+Each kernel lives in ``metal_kernels/<name>.metal`` and reads as Metal: helper functions
+first, then a line ``// ---- kernel body ----``, then the body that
+``mx.fast.metal_kernel`` wraps in the signature it generates (everything above the marker
+is passed as ``header=``). The modules (ssd.py, dma.py, cdmoe.py) keep their pure-MLX ops
+path as the reference and dispatch with::
+
+    if kernels.enabled(training=self.training): ...kernel path...
+    else: ...ops path...
+
+The kernel path is taken only when Metal is available, the default device is the GPU,
+the module is not training (a CustomKernel has no VJP; the ops path trains), and the
+environment does not say ``CHEEMS_MLX_KERNELS=0``.
+
+Tests run the kernels on Linux through an emulator (tests/metal_emulator) with
+``kernels.backend(factory)``: kernels are then built by ``factory`` (same signature as
+``mx.fast.metal_kernel``) and used on any device.
+"""
+
+import os
+from contextlib import contextmanager
+from importlib import resources
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+BODY_MARKER = "// ---- kernel body ----"
+
+_factory: Optional[Callable] = None  # None: mx.fast.metal_kernel
+_built: Dict[Tuple, Callable] = {}
+
+
+def metal_available() -> bool:
+    return mx.metal.is_available()
+
+
+def enabled(training: bool = False) -> bool:
+    """Whether the modules should take their kernel path now."""
+    if training or os.environ.get("CHEEMS_MLX_KERNELS", "1") == "0":
+        return False
+    if _factory is not None:
+        return True
+    return mx.metal.is_available() and mx.default_device() == mx.gpu
+
+
+def source(name: str) -> Tuple[str, str]:
+    """(header, body) of ``metal_kernels/<name>.metal``."""
+    text = resources.files("cheems_mlx.metal_kernels").joinpath(f"{name}.metal").read_text()
+    if BODY_MARKER not in text:
+        raise ValueError(f"metal_kernels/{name}.metal has no '{BODY_MARKER}' line")
+    header, body = text.split(BODY_MARKER, 1)
+    return header, body
+
+
+def kernel(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    atomic_outputs: bool = False,
+    ensure_row_contiguous: bool = True,
+) -> Callable:
+    """The compiled kernel ``name`` (built once per backend), called like the object
+    ``mx.fast.metal_kernel`` returns."""
+    factory = _factory or mx.fast.metal_kernel
+    key = (id(factory), name, tuple(input_names), tuple(output_names), atomic_outputs, ensure_row_contiguous)
+    if key not in _built:
+        header, body = source(name)
+        _built[key] = factory(
+            name=name,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            source=body,
+            header=header,
+            ensure_row_contiguous=ensure_row_contiguous,
+            atomic_outputs=atomic_outputs,
+        )
+    return _built[key]
+
+
+@contextmanager
+def backend(factory: Callable):
+    """Test-only: build kernels with ``factory`` and take the kernel path on any device."""
+    global _factory
+    previous = _factory
+    _factory = factory
+    try:
+        yield
+    finally:
+        _factory = previous

@@ -1,0 +1,1 @@
+"""Metal kernel sources (``*.metal``), loaded by ``cheems_mlx.kernels``."""
