@@ -63,7 +63,8 @@ def kernel(
     """The compiled kernel ``name`` (built once per backend), called like the object
     ``mx.fast.metal_kernel`` returns."""
     factory = _factory or mx.fast.metal_kernel
-    key = (id(factory), name, tuple(input_names), tuple(output_names), atomic_outputs, ensure_row_contiguous)
+    # the factory itself (not its id) is in the key: a collected factory's id can be reused
+    key = (factory, name, tuple(input_names), tuple(output_names), atomic_outputs, ensure_row_contiguous)
     if key not in _built:
         header, body = source(name)
         _built[key] = factory(
