@@ -20,6 +20,13 @@ Mask rules (``dynamic_mask_rule``), reproduced as the reference implementations 
 - ``hard`` (Cheems at paper time): a boolean test; keys with m < 1 are masked and this
   REPLACES the causal mask for them (m itself is never added), so a head whose m are
   all < 1 attends uniformly to every key, future ones included.
+
+Kernel path (``kernels.enabled``: Metal GPU, not training; never with a quantized K/V
+cache or the ``hard`` rule): ``key_selection`` turns the rule into a threshold per row,
+then metal_kernels/dma_decode*.metal (one query: flash-decoding split over the keys) or
+dma_prefill.metal (tiles of keys, skipped where the mask keeps none) attend without
+building the (batch, H, L, T) mask. A row with no kept key is uniform over all keys, as
+the ops path's finite ``mask_min`` makes it.
 """
 
 from typing import Optional
@@ -28,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_causal_mask
 
+from . import kernels
 from .rope import RotaryEmbedding
 
 MASK_RULES = ("keep_window", "legacy_ratio", "cheems_ratio", "hard")
@@ -35,9 +43,12 @@ MASK_RULES = ("keep_window", "legacy_ratio", "cheems_ratio", "hard")
 
 def mask_min(dtype) -> float:
     """The additive 'masked' value: finite so a fully masked row is uniform (as in the
-    references) instead of NaN; for float16 half the range so score + min stays finite."""
+    references) instead of NaN; for float16 half the range so score + min stays finite;
+    for bfloat16 its own minimum (float32's minimum rounds to -inf in bfloat16)."""
     if dtype == mx.float16:
         return -3.0e4
+    if dtype == mx.bfloat16:
+        return float(mx.finfo(mx.bfloat16).min)
     return float(mx.finfo(mx.float32).min)
 
 
@@ -58,6 +69,25 @@ def top_w(scored: mx.array, w: int) -> mx.array:
     tied = scored == threshold
     room = w - above.sum(axis=-1, keepdims=True)
     return above | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= room))
+
+
+def ratio_rank(rule: str, T: int, keep_window_size: int, ratio: float) -> Optional[int]:
+    """k of the ratio rules (keys whose m is below the k-th smallest m are masked), or
+    None when the rule masks nothing at key length T."""
+    if rule == "cheems_ratio":
+        k = int(T * ratio) if 0.0 < ratio < 1.0 else 0
+        return k if k > 0 else None
+    if T <= keep_window_size:  # legacy_ratio
+        return None
+    k = int((T - keep_window_size) * ratio)
+    if k < 1:
+        raise ValueError(
+            f"legacy Doge dynamic mask: key length {T} exceeds keep_window_size "
+            f"{keep_window_size} but dynamic_mask_ratio={ratio} selects no key "
+            "(the reference code fails here too); set dynamic_mask_ratio > 0 or "
+            "raise keep_window_size"
+        )
+    return k
 
 
 def dynamic_mask(
@@ -82,22 +112,9 @@ def dynamic_mask(
         if T > keep_window_size:
             allowed = allowed & top_w(mx.where(allowed, m, -mx.inf), keep_window_size)
         return mx.where(allowed, m, min_value)
-    if rule == "cheems_ratio":
-        if 0.0 < ratio < 1.0:
-            k = int(T * ratio)
-            if k > 0:
-                allowed = allowed & (m >= kth_smallest(bias, k)[:, :, None, :])
-        return mx.where(allowed, m, min_value)
-    if rule == "legacy_ratio":
-        if T > keep_window_size:
-            k = int((T - keep_window_size) * ratio)
-            if k < 1:
-                raise ValueError(
-                    f"legacy Doge dynamic mask: key length {T} exceeds keep_window_size "
-                    f"{keep_window_size} but dynamic_mask_ratio={ratio} selects no key "
-                    "(the reference code fails here too); set dynamic_mask_ratio > 0 or "
-                    "raise keep_window_size"
-                )
+    if rule in ("cheems_ratio", "legacy_ratio"):
+        k = ratio_rank(rule, T, keep_window_size, ratio)
+        if k is not None:
             allowed = allowed & (m >= kth_smallest(bias, k)[:, :, None, :])
         return mx.where(allowed, m, min_value)
     if rule == "hard":
@@ -132,6 +149,140 @@ def _normalize_valid(mask: Optional[mx.array]) -> Optional[mx.array]:
     if mask.ndim == 2:
         return mask[None, None]
     return mask
+
+
+# ----------------------------------------------------------------------------- kernel path
+# metal_kernels/dma_decode.metal + dma_decode_combine.metal (one query row, flash-decoding
+# split over the keys) and dma_prefill.metal (tiled, skipping key tiles the mask empties).
+
+DECODE_BLOCK = 256  # keys per threadgroup in the decode's first pass
+DECODE_SIMDGROUPS = 4  # simdgroups per decode threadgroup (each takes every 4th key)
+PREFILL_ROWS = 8  # (query head, query) rows per prefill threadgroup: REP heads x 8 // REP queries
+THREADGROUP_MEMORY = 32768  # bytes a Metal threadgroup may allocate
+
+
+def key_selection(bias, valid, rule, keep_window_size, ratio, window=None):
+    """The rules of ``dynamic_mask`` in the form the kernels read: key j is kept for a query
+    row iff ``valid and (m_j > thr or (m_j == thr and j < jlim))``.
+
+    bias: (b, Hm, T) float32; valid: bool (Bv, 1, Lv, T) or None.
+    Returns (thr float32, jlim int32, all_kept): shape (b, Hm, 1) when one selection holds
+    for every row (keep_window with T <= W or a sliding window <= W: every allowed key, thr
+    = -inf; the ratio rules: m >= the k-th smallest m); (b, Hm, Lv) for keep_window when
+    T > W, where the top-W depends on the row: its W-th largest allowed m and how many keys
+    tied at it fit, lowest index first, as ``top_w`` does (computed here with MLX ops, O(Lv T)
+    per mask head, but no (H, L, T) float mask and no L^2 attention). all_kept: every valid
+    key is kept. None for the ``hard`` rule, which stays on the ops path.
+    """
+    b, hm, T = bias.shape
+    every_key = mx.full((b, hm, 1), -mx.inf, mx.float32), mx.zeros((b, hm, 1), mx.int32), True
+    if rule == "keep_window":
+        W = keep_window_size
+        if T <= W or (window is not None and window <= W):  # no row has more than W allowed keys
+            return every_key
+        lv = 1 if valid is None else valid.shape[-2]
+        allowed = mx.ones((1, 1, lv, T), mx.bool_) if valid is None else valid
+        scored = mx.where(mx.broadcast_to(allowed, (b, hm, lv, T)), bias[:, :, None, :], -mx.inf)
+        thr = mx.partition(scored, T - W, axis=-1)[..., T - W : T - W + 1]  # W-th largest per row
+        room = W - (scored > thr).sum(axis=-1)
+        tied = (scored == thr).astype(mx.int32)
+        jlim = (mx.cumsum(tied, axis=-1) <= room[..., None]).sum(axis=-1)
+        return thr[..., 0], jlim.astype(mx.int32), False
+    if rule in ("cheems_ratio", "legacy_ratio"):
+        k = ratio_rank(rule, T, keep_window_size, ratio)
+        if k is None:
+            return every_key
+        return kth_smallest(bias, k), mx.full((b, hm, 1), T, mx.int32), False
+    if rule == "hard":
+        return None
+    raise ValueError(f"unknown dynamic_mask_rule {rule!r}; expected one of {MASK_RULES}")
+
+
+def kernel_attention(
+    q, k, v, bias, valid, rule, keep_window_size, ratio, window, scale, min_value,
+    block=DECODE_BLOCK, simdgroups=DECODE_SIMDGROUPS, rows=PREFILL_ROWS,
+):
+    """Dynamic mask attention through the Metal kernels; the same result as ``dynamic_mask``
+    + clip + ``scaled_dot_product_attention`` (float32 accumulation).
+
+    q: (B, H, L, P); k, v: (B, Hkv, T, P) (the cache's views, not copied); bias: (B, Hm, T)
+    float32; valid: the mlx-lm bool mask or None. Returns (B, L, H, P), or None where the
+    kernels do not apply (the ``hard`` rule, masks of another form, too large a head): the
+    caller then takes the ops path. L == 1 runs the flash-decoding pair: the selection per
+    (batch, mask head) comes from ``key_selection`` and rows with no kept key are found here
+    (O(T) per head) and marked jlim = -1 (the kernel then gives them the ops path's uniform
+    row). L > 1 runs the tiled prefill kernel, which finds such rows itself.
+    """
+    B, H, L, P = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    Hm = bias.shape[1]
+    valid = _normalize_valid(valid)
+    if valid is not None and (
+        isinstance(valid, str)
+        or valid.dtype != mx.bool_
+        or valid.ndim != 4
+        or valid.shape[1] != 1
+        or valid.shape[0] not in (1, B)
+        or valid.shape[2] not in (1, L)
+        or valid.shape[3] != T
+    ):
+        return None
+    if H % Hkv or Hm not in (Hkv, H):
+        return None
+    rep = H // Hkv
+    if L == 1:  # simdgroups per decode threadgroup: their merge buffers must fit
+        nsg = simdgroups
+        while nsg > 1 and nsg * rep * (P + 2) * 4 > THREADGROUP_MEMORY:
+            nsg //= 2
+        if nsg * rep * (P + 2) * 4 > THREADGROUP_MEMORY:
+            return None
+    else:  # prefill rows per threadgroup: REP heads x bq queries, tiles in threadgroup memory
+        bq = max(1, rows // rep)
+        nsg = rep * bq
+        if nsg > 32 or (32 * (P + 1) + nsg * (P + 32) + 2 * nsg) * 4 > THREADGROUP_MEMORY:
+            return None
+    selection = key_selection(bias, valid, rule, keep_window_size, ratio, window)
+    if selection is None:
+        return None
+    thr, jlim, all_kept = selection
+    bias = bias.astype(mx.float32)
+    vmask = mx.ones((1, 1, T), mx.bool_) if valid is None else mx.contiguous(valid[:, 0])  # (Bv, Lv, T)
+    params = mx.array([scale, -min_value], mx.float32)
+    template = [("T", q.dtype), ("P", P), ("REP", rep), ("MASK_PER_HEAD", Hm == H)]
+    names = ["q", "k", "v", "bias", "valid", "sel_thr", "sel_jlim", "params"]
+    if L == 1:
+        if not (all_kept and valid is None):  # a row may keep no key: mark it
+            j = mx.arange(T)
+            kept = vmask & ((bias > thr) | ((bias == thr) & (j < jlim)))  # (B, Hm, T)
+            jlim = mx.where(kept.any(axis=-1, keepdims=True), jlim, -1)
+        S = -(-T // block)
+        decode = kernels.kernel("dma_decode", names, ["part_o", "part_ml"], ensure_row_contiguous=False)
+        part_o, part_ml = decode(
+            inputs=[q, k, v, bias, vmask, mx.contiguous(thr), mx.contiguous(jlim), params],
+            template=template + [("NSG", nsg), ("BLOCK", block)],
+            grid=(32 * nsg * S, Hkv, B),
+            threadgroup=(32 * nsg, 1, 1),
+            output_shapes=[(B, H, S, P), (B, H, S, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        (out,) = kernels.kernel("dma_decode_combine", ["part_o", "part_ml"], ["out"])(
+            inputs=[part_o, part_ml],
+            template=[("T", q.dtype), ("P", P)],
+            grid=(32, H, B),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(B, 1, H, P)],
+            output_dtypes=[q.dtype],
+        )
+        return out
+    (out,) = kernels.kernel("dma_prefill", names, ["out"], ensure_row_contiguous=False)(
+        inputs=[q, k, v, bias, vmask, mx.contiguous(thr), mx.contiguous(jlim), params],
+        template=template + [("BQ", bq)],
+        grid=(32 * nsg, -(-L // bq), B * Hkv),
+        threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(B, L, H, P)],
+        output_dtypes=[q.dtype],
+    )
+    return out
 
 
 class DynamicMaskAttention(nn.Module):
@@ -192,6 +343,13 @@ class DynamicMaskAttention(nn.Module):
             q, k = self.rope(q), self.rope(k)
 
         min_value = mask_min(q.dtype)
+        if kernels.enabled(training=self.training) and not hasattr(kv_cache, "bits"):
+            out = kernel_attention(
+                q, k, v, bias, valid, self.rule, self.keep_window_size, self.ratio,
+                self.sliding_window, self.scale, min_value,
+            )
+            if out is not None:  # (b, l, H, P)
+                return self.o_proj(out.reshape(b, l, H * P))
         mask = dynamic_mask(
             bias, _normalize_valid(valid), l, self.rule, self.keep_window_size, self.ratio, min_value
         )
