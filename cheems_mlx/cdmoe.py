@@ -21,12 +21,20 @@ Two routers:
   reshape that gives token n the x-logits of token n//2 and the y-logits of token
   N/2 + n//2 (non-causal across a full forward, kept by transformers so checkpoints
   reproduce). Imported Doge checkpoints default to it for exact parity.
+
+Metal kernels (used when ``kernels.enabled``; ``route`` / the expert term above stay the
+reference): ``product_key_route_kernel`` (metal_kernels/cdmoe_route.metal: both sub-key
+top-k, the candidate grid, the final top-k and the softmax in one launch) and
+``expert_mix_kernel`` (cdmoe_mix.metal, or cdmoe_mix_q.metal straight from affine-quantized
+``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch).
 """
 
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import kernels
 
 ROUTERS = ("queries", "router_gate")
 ROUTINGS = ("per_token", "transformers_reshape")
@@ -61,6 +69,87 @@ def product_key_topk(sx: mx.array, sy: mx.array, num_keys: int, k: int):
     scores, pos = topk_with_indices(grid, k)
     indices = mx.take_along_axis(grid_idx, pos, axis=-1)
     return scores, mx.stop_gradient(indices)
+
+
+def candidate_pairs(kk: int, k: int) -> list:
+    """Codes i * kk + j of the grid cells (i, j) that can be in the top-k of s_x[i] + s_y[j]
+    when both lists are sorted in descending order: (i + 1) * (j + 1) <= k (a cell is
+    beaten by the (i+1)(j+1) - 1 others of its rectangle). At least k of them."""
+    return [i * kk + j for i in range(kk) for j in range(kk) if (i + 1) * (j + 1) <= k]
+
+
+def product_key_route_kernel(sx: mx.array, sy: mx.array, num_keys: int, k: int, norm_topk_prob: bool):
+    """``product_key_topk`` + softmax (+ renormalisation) as one Metal kernel
+    (metal_kernels/cdmoe_route.metal). sx, sy: (..., K). Returns weights (..., k) float32 and
+    indices (..., k) uint32 in descending score order (the ops path's order is unspecified)."""
+    lead = sx.shape[:-1]
+    K = num_keys
+    kk = min(k, K)
+    pairs = candidate_pairs(kk, k)
+    rows = math.prod(lead)
+    R = 4  # rows (simdgroups) per threadgroup
+    kern = kernels.kernel("cdmoe_route", ["sx", "sy", "pairs"], ["weights", "indices"])
+    weights, indices = kern(
+        inputs=[sx.reshape(rows, K), sy.reshape(rows, K), mx.array(pairs, dtype=mx.int32)],
+        template=[
+            ("T", sx.dtype), ("K", K), ("KK", kk), ("TOPK", k), ("NPAIR", len(pairs)), ("R", R),
+            ("NORM", bool(norm_topk_prob)),
+        ],
+        grid=(32, rows, 1),
+        threadgroup=(32, min(R, rows), 1),
+        output_shapes=[(rows, k), (rows, k)],
+        output_dtypes=[mx.float32, mx.uint32],
+    )
+    return weights.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def expert_mix_kernel(x: mx.array, weights: mx.array, indices: mx.array, down_embed, up_embed):
+    """The routed-expert term sum_m silu(x . down[idx_m]) * w_m * up[idx_m] as one Metal
+    kernel: x (b, l, d), weights / indices (b, l, He, k). Float tables (nn.Embedding) use
+    metal_kernels/cdmoe_mix.metal; affine-quantized ones (nn.QuantizedEmbedding, both tables
+    with the same bits / group size) cdmoe_mix_q.metal. Returns (b, l, d) in x's dtype, or
+    None for tables it does not read (other quantization modes): use the ops path then."""
+    b, l, d = x.shape
+    tokens = b * l
+    M = math.prod(indices.shape[2:])
+    nsg = 4 if d <= 256 else 8
+    common = dict(
+        grid=(32 * nsg, tokens, 1),
+        threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(tokens, d)],
+        output_dtypes=[x.dtype],
+    )
+    inputs = [x.reshape(tokens, d), weights.reshape(tokens, M).astype(mx.float32),
+              indices.reshape(tokens, M).astype(mx.uint32)]
+    if isinstance(down_embed, nn.Embedding) and isinstance(up_embed, nn.Embedding):  # float tables
+        kern = kernels.kernel("cdmoe_mix", ["x", "weights", "indices", "down", "up"], ["out"])
+        (out,) = kern(
+            inputs=inputs + [down_embed.weight, up_embed.weight],
+            template=[("T", x.dtype), ("D", d), ("M", M), ("NSG", nsg)],
+            **common,
+        )
+        return out.reshape(b, l, d)
+    tables = (down_embed, up_embed)
+    if not all(isinstance(t, nn.QuantizedEmbedding) for t in tables):
+        return None
+    bits, group_size = down_embed.bits, down_embed.group_size
+    if any(
+        t.mode != "affine" or t.get("biases") is None or t.bits != bits or t.group_size != group_size
+        for t in tables
+    ) or bits not in (2, 3, 4, 5, 6, 8) or d % group_size:
+        return None
+    kern = kernels.kernel(
+        "cdmoe_mix_q",
+        ["x", "weights", "indices", "down_q", "down_s", "down_b", "up_q", "up_s", "up_b"],
+        ["out"],
+    )
+    (out,) = kern(
+        inputs=inputs + [down_embed["weight"], down_embed["scales"], down_embed["biases"],
+                         up_embed["weight"], up_embed["scales"], up_embed["biases"]],
+        template=[("T", x.dtype), ("D", d), ("M", M), ("NSG", nsg), ("BITS", bits), ("GS", group_size)],
+        **common,
+    )
+    return out.reshape(b, l, d)
 
 
 class CDMoE(MLP):
@@ -111,6 +200,8 @@ class CDMoE(MLP):
     def route(self, x: mx.array):
         """Routing weights (b, l, He, k) float32 and expert indices (b, l, He, k)."""
         sx, sy = self.sub_key_scores(x)
+        if kernels.enabled(training=self.training):
+            return product_key_route_kernel(sx, sy, self.num_keys, self.top_k, self.norm_topk_prob)
         scores, indices = product_key_topk(
             sx.astype(mx.float32), sy.astype(mx.float32), self.num_keys, self.top_k
         )
@@ -119,13 +210,20 @@ class CDMoE(MLP):
             weights = weights / weights.sum(axis=-1, keepdims=True)
         return weights, indices
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def experts(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
+        """The routed term sum_{h,k} silu(x . down_embed[idx]) * w * up_embed[idx]: (b, l, d)."""
         b, l, d = x.shape
-        weights, indices = self.route(x)
+        if kernels.enabled(training=self.training):
+            out = expert_mix_kernel(x, weights, indices, self.down_embed, self.up_embed)
+            if out is not None:
+                return out
         down = self.down_embed(indices)  # (b, l, He, k, d)
         up = self.up_embed(indices)  # (b, l, He, k, d)
         expert_in = (down @ x[:, :, None, :, None]).squeeze(-1)  # (b, l, He, k)
         expert_w = nn.silu(expert_in) * weights.astype(x.dtype)
         flat_w = expert_w.reshape(b, l, 1, -1)  # (b, l, 1, He*k)
-        experts = (flat_w @ up.reshape(b, l, -1, d)).squeeze(-2)  # (b, l, d)
-        return super().__call__(x) + experts
+        return (flat_w @ up.reshape(b, l, -1, d)).squeeze(-2)  # (b, l, d)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weights, indices = self.route(x)
+        return super().__call__(x) + self.experts(x, weights, indices)

@@ -15,17 +15,22 @@ Two numerically equivalent paths:
   (diagonal blocks, chunk states, inter-chunk recurrence, state -> output), any length;
 - ``ssd_step``: the one-token recurrence used for decoding.
 Both run in float32 whatever the activation dtype; the decode state is float32.
+Each has a Metal kernel with RoPE on B and C fused in (``ssd_step_kernel``,
+``ssd_chunked_scan_kernel``; metal_kernels/ssd_step.metal, ssd_scan.metal), used by the
+module when ``kernels.enabled`` -- the ops functions above stay the reference.
 
 Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
 offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
 row's true token count when mlx-lm right-pads a batched prompt.
 """
 
+import math
 from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .rope import RotaryEmbedding
 
 
@@ -134,6 +139,96 @@ def ssd_step(
     return y, state
 
 
+def rope_cos_sin(rope: RotaryEmbedding, b: int, l: int, n: int, offset) -> mx.array:
+    """(b, l, n) float32 ``[cos | sin]`` of the rotations ``rope`` applies at each row's
+    positions offset .. offset + l - 1 (rotate-half: element i pairs with i + n/2). Read off
+    by rotating e = (1, .., 1, 0, .., 0), so every rope variant (dynamic NTK, llama3, yarn's
+    scale) is whatever the ops path applies; the kernels then rotate B and C themselves."""
+    half = n // 2
+    probe = mx.concatenate([mx.ones((half,), mx.float32), mx.zeros((n - half,), mx.float32)])
+    rows = 1 if isinstance(offset, int) else offset.shape[0]
+    cs = rope(mx.broadcast_to(probe, (rows, 1, l, n)), offset).reshape(rows, l, n)
+    return mx.broadcast_to(cs, (b, l, n))
+
+
+def ssd_step_kernel(x, dt, A, B, C, state, mask=None, cos_sin=None):
+    """``ssd_step`` on rope(B), rope(C) as one Metal kernel (metal_kernels/ssd_step.metal).
+    B, C: (b, h, n) before RoPE; cos_sin: (b, n) from ``rope_cos_sin`` or None (no RoPE).
+    Returns y (b, h, p) in x's dtype and the new state (b, h, p, n) float32."""
+    b, h, p = x.shape
+    n = B.shape[-1]
+    f32 = mx.float32
+    if state is None:
+        state = mx.zeros((b, h, p, n), dtype=f32)
+    if mask is None:
+        mask = mx.ones((b,), dtype=mx.bool_)
+    use_rope = cos_sin is not None
+    ty = math.gcd(p, 8)  # state rows (simdgroups) per threadgroup
+    k = kernels.kernel("ssd_step", ["X", "dt", "A", "B", "C", "cs", "mask", "state_in"], ["y", "state_out"])
+    y, state = k(
+        inputs=[
+            x, dt.astype(f32), A.astype(f32), B, C,
+            cos_sin.astype(f32) if use_rope else mx.zeros((1,), f32), mask.astype(mx.bool_),
+            state.astype(f32),
+        ],
+        template=[("T", x.dtype), ("P", p), ("N", n), ("TY", ty), ("ROPE", use_rope)],
+        grid=(32, p, b * h),
+        threadgroup=(32, ty, 1),
+        output_shapes=[(b, h, p), (b, h, p, n)],
+        output_dtypes=[x.dtype, f32],
+    )
+    return y, state
+
+
+SCAN_THREADGROUP_BYTES = 28 * 1024  # of Metal's 32 KiB
+
+
+def scan_layout(p: int, n: int, chunk_size: Optional[int] = None) -> Tuple[int, int, int]:
+    """(PB state rows per threadgroup, NSG simdgroups, Q kernel chunk) for ssd_scan.metal:
+    PB the largest divisor of p up to 32, NSG the largest of 8/4/2/1 dividing PB, and Q the
+    largest power of two up to 64 whose tiles fit in SCAN_THREADGROUP_BYTES (unless given)."""
+    pb = max(d for d in range(1, min(p, 32) + 1) if p % d == 0)
+    nsg = max(s for s in (8, 4, 2, 1) if pb % s == 0)
+    if chunk_size is None:
+        def tile_bytes(q):
+            return 4 * (2 * q + 2 * q * (n + 1) + q * (pb + 1) + q * q)
+        chunk_size = next(q for q in (64, 32, 16, 8, 4, 2, 1) if tile_bytes(q) <= SCAN_THREADGROUP_BYTES)
+    return pb, nsg, chunk_size
+
+
+def ssd_chunked_scan_kernel(x, dt, A, B, C, initial_state=None, mask=None, cos_sin=None, chunk_size=None):
+    """``ssd_chunked_scan`` on rope(B), rope(C) as one Metal kernel (metal_kernels/ssd_scan.metal).
+    x: (b, l, h, p), dt: (b, l, h), B, C: (b, l, h, n) before RoPE, cos_sin: (b, l, n) from
+    ``rope_cos_sin`` or None, mask: (b, l) bool or None. chunk_size: the kernel's own chunk
+    (a template parameter; the result does not depend on it), by default ``scan_layout``'s.
+    Returns y (b, l, h, p) in x's dtype and the final state (b, h, p, n) float32."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    f32 = mx.float32
+    pb, nsg, q = scan_layout(p, n, chunk_size)
+    if initial_state is None:
+        initial_state = mx.zeros((b, h, p, n), dtype=f32)
+    if mask is None:
+        mask = mx.ones((b, l), dtype=mx.bool_)
+    use_rope = cos_sin is not None
+    k = kernels.kernel("ssd_scan", ["X", "dt", "A", "B", "C", "cs", "mask", "state_in"], ["y", "state_out"])
+    y, state = k(
+        inputs=[
+            x, dt.astype(f32), A.astype(f32), B, C,
+            cos_sin.astype(f32) if use_rope else mx.zeros((1,), f32), mask.astype(mx.bool_),
+            initial_state.astype(f32),
+        ],
+        template=[
+            ("T", x.dtype), ("P", p), ("N", n), ("Q", q), ("PB", pb), ("NSG", nsg), ("ROPE", use_rope),
+        ],
+        grid=(32 * nsg, p // pb, b * h),
+        threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[(b, l, h, p), (b, h, p, n)],
+        output_dtypes=[x.dtype, f32],
+    )
+    return y, state
+
+
 class StateSpaceDuality(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -168,18 +263,28 @@ class StateSpaceDuality(nn.Module):
 
         state = cache[0] if cache is not None else None
         offset = cache[1] if cache is not None and cache[1] is not None else 0
-        if self.rope is not None:
-            C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
-            B = self.rope(B.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
-
-        if l == 1:
-            y, state = ssd_step(
-                X[:, 0], dt[:, 0], self.A, B[:, 0], C[:, 0], state,
-                None if mask is None else mask[:, 0],
-            )
-            y = y[:, None]
+        if kernels.enabled(training=self.training):  # RoPE on B and C fused into the kernels
+            cos_sin = None if self.rope is None else rope_cos_sin(self.rope, b, l, P, offset)
+            if l == 1:
+                y, state = ssd_step_kernel(
+                    X[:, 0], dt[:, 0], self.A, B[:, 0], C[:, 0], state,
+                    None if mask is None else mask[:, 0], None if cos_sin is None else cos_sin[:, 0],
+                )
+                y = y[:, None]
+            else:
+                y, state = ssd_chunked_scan_kernel(X, dt, self.A, B, C, state, mask, cos_sin)
         else:
-            y, state = ssd_chunked_scan(X, dt, self.A, B, C, self.chunk_size, state, mask)
+            if self.rope is not None:
+                C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
+                B = self.rope(B.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
+            if l == 1:
+                y, state = ssd_step(
+                    X[:, 0], dt[:, 0], self.A, B[:, 0], C[:, 0], state,
+                    None if mask is None else mask[:, 0],
+                )
+                y = y[:, None]
+            else:
+                y, state = ssd_chunked_scan(X, dt, self.A, B, C, self.chunk_size, state, mask)
 
         if cache is not None:
             cache[0] = state
