@@ -7,7 +7,8 @@ mlx-lm's ``ssm_attn`` at equal shapes, and a chunk-size sweep); ``attention`` (t
 ops path with keep-window W against dense causal attention: prefill and decode with a
 long cache); ``decode`` / ``prefill`` (one run: cheems_mlx through mlx-lm's generation
 loop vs transformers on the same converted checkpoint vs mlx-lm's Llama of the same size,
-and the memory-bandwidth floor). ``kernels`` is not written yet and says so.
+and the memory-bandwidth floor, with a profile of where the time goes); ``kernels`` (each
+module with its Metal kernels against its ops path, on a Mac; elsewhere it says it cannot).
 
 Ratios, not absolute times, are what to compare across machines. On Linux the run
 reports whether OpenBLAS is preloaded (MLX's float32 matmuls go through cblas there).
@@ -282,9 +283,10 @@ def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, thread
         r["decode_of_floor"] = r["decode_tps"] / floor["decode_tps"]
         if "prefill_tps" in r:
             r["prefill_vs_transformers"] = r["prefill_tps"] / base["prefill_tps"]
+    profile = profile_generation(ours, lm, hf)
     result = {"suite": "decode+prefill", "machine": machine(), "dtype": "float32", "threads": threads,
               "parameters": n_params, "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth / 1e9,
-              "new_tokens": new_tokens, "config": cfg, "rows": rows}
+              "new_tokens": new_tokens, "config": cfg, "rows": rows, "profile": profile}
     (out / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Machine: {result['machine']['platform']}, {threads} threads, BLAS: {result['machine']['blas']}, "
              f"float32; transformers Doge {n_params / 1e6:.1f}M parameters (d 512, 8 layers, vocab 32768, tied), "
@@ -295,8 +297,119 @@ def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, thread
         pre = f"{r['prefill_tps']:.0f} | {r['prefill_vs_transformers']:.2f}" if "prefill_tps" in r else "-- | --"
         lines.append(f"| {r['prompt']} | {r['system']} | {pre} | {r['decode_tps']:.1f} | "
                      f"{r['decode_vs_transformers']:.2f} | {r['decode_of_floor']:.2f} |")
+    lines += ["", "Where the time goes (decode against a 512-token cache; prefill attention core at 2,048 tokens):",
+              "", "| part | ms | GB/s |", "|---|---:|---:|"]
+    for r in profile:
+        lines.append(f"| {r['part']} | {r['ms']:.2f} | {r['gbps']:.1f} |" if "gbps" in r else
+                     f"| {r['part']} | {r['ms']:.2f} | |")
     (out / "generation.md").write_text("\n".join(lines) + "\n")
     return result
+
+
+
+def _matrices(model) -> list:
+    """The weight matrices one decode step multiplies by: every Linear, plus the tied
+    embedding used as the output head."""
+    mats = [m.weight for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not any(w.shape[0] > 8192 for w in mats):  # tied head: the embedding as a Linear
+        mats += [m.weight for _, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    return mats
+
+
+def profile_generation(ours, lm, hf, prompt=512, prefill=2048):
+    """Where the time goes. Decode: one step against a ``prompt``-token cache, split into
+    the weight matrix-vector products (each timed alone, MLX and PyTorch on the same
+    matrices) and the rest. Prefill: the attention core of one layer at ``prefill`` tokens
+    (MLX's SDPA with our additive DMA mask, with a causal mask, and PyTorch's causal SDPA)
+    and the time to build the DMA mask."""
+    import numpy as np
+    import torch
+
+    from .dma import dynamic_mask, mask_min
+
+    def step_ms(model):
+        cache = model.make_cache()
+        ids = mx.array(np.random.default_rng(0).integers(3, 32768, (1, prompt)))
+        mx.eval(model(ids, cache=cache))
+        tok = ids[:, -1:]
+        times = []
+        for _ in range(12):
+            tic = time.perf_counter()
+            mx.eval(model(tok, cache=cache))
+            times.append(time.perf_counter() - tic)
+            for c in cache:
+                c.trim(1)
+        return 1e3 * statistics.median(times[2:])
+
+    def gemv_ms(mats):
+        total = 0.0
+        for w in mats:
+            x = mx.random.normal((1, w.shape[1]))
+            total += timeit(lambda: x @ w.T, reps=7)
+        return 1e3 * total
+
+    def torch_gemv_ms(mats):
+        total = 0.0
+        with torch.no_grad():
+            for w in mats:
+                tw = torch.from_numpy(np.array(w))
+                x = torch.randn(1, w.shape[1])
+                x @ tw.T
+                times = []
+                for _ in range(7):
+                    tic = time.perf_counter()
+                    x @ tw.T
+                    times.append(time.perf_counter() - tic)
+                total += statistics.median(times)
+        return 1e3 * total
+
+    rows = []
+    for name, model in (("cheems_mlx", ours), ("mlx-lm llama", lm)):
+        mats = _matrices(model)
+        nbytes = sum(w.nbytes for w in mats)
+        total, gemv = step_ms(model), gemv_ms(mats)
+        rows.append({"part": f"decode step, {name}", "ms": total})
+        rows.append({"part": f"  weight matrix-vector products alone (MLX, {nbytes / 1e6:.0f} MB)", "ms": gemv,
+                     "gbps": nbytes / gemv / 1e6})
+        rows.append({"part": "  everything else (norms, rope, masks, softmax, cache, op dispatch)",
+                     "ms": total - gemv})
+    mats = _matrices(ours)
+    nbytes = sum(w.nbytes for w in mats)
+    tg = torch_gemv_ms(mats)
+    rows.append({"part": f"same matrix-vector products in PyTorch ({torch.get_num_threads()} threads)", "ms": tg,
+                 "gbps": nbytes / tg / 1e6})
+
+    attn = ours.model.layers[0].attn
+    H, Hkv, P = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    L = prefill
+    q, k, v = (mx.random.normal((1, h, L, P)) for h in (H, Hkv, Hkv))
+    bias = mx.random.uniform(shape=(1, attn.num_mask_heads, L))
+    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))[None, None]
+    mask = mx.repeat(dynamic_mask(bias, causal, L, attn.rule, attn.keep_window_size, attn.ratio,
+                                  mask_min(mx.float32)), H // attn.num_mask_heads, axis=1)
+    mx.eval(q, k, v, mask)
+    sdpa = mx.fast.scaled_dot_product_attention
+    rows.append({"part": f"prefill {L}: DMA mask build, one layer",
+                 "ms": 1e3 * timeit(lambda: mx.repeat(dynamic_mask(
+                     bias, causal, L, attn.rule, attn.keep_window_size, attn.ratio, mask_min(mx.float32)),
+                     H // attn.num_mask_heads, axis=1))})
+    rows.append({"part": f"prefill {L}: MLX SDPA with the additive mask, one layer",
+                 "ms": 1e3 * timeit(lambda: sdpa(q, k, v, scale=P**-0.5, mask=mask))})
+    rows.append({"part": f"prefill {L}: MLX SDPA, causal, one layer",
+                 "ms": 1e3 * timeit(lambda: sdpa(q, k, v, scale=P**-0.5, mask="causal"))})
+    tq, tk, tv = (torch.from_numpy(np.array(a)) for a in (q, k, v))
+    with torch.no_grad():
+        F = torch.nn.functional
+        F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+        times = []
+        for _ in range(3):
+            tic = time.perf_counter()
+            F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+            times.append(time.perf_counter() - tic)
+    rows.append({"part": f"prefill {L}: PyTorch SDPA, causal, one layer", "ms": 1e3 * statistics.median(times)})
+    for r in rows:
+        print(f"{r['part']:>80}: {r['ms']:9.2f} ms" + (f"  {r['gbps']:.1f} GB/s" if "gbps" in r else ""), flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------- attention
@@ -463,6 +576,111 @@ def suite_ssd(out: Path, heads=8, head_dim=64, lengths=(1024, 4096), chunks=(64,
     return result
 
 
+# --------------------------------------------------------------------------- kernels
+
+KERNELS_UNAVAILABLE = (
+    "Metal is not available on this machine ({device}): the Metal kernels cannot be timed "
+    "here. Their correctness is checked on Linux by the CPU emulator (pytest tests/test_kernels_*.py, "
+    "tests/test_metal_emulator.py); run `python -m cheems_mlx.bench kernels` on an Apple-silicon "
+    "Mac to time them against the ops path."
+)
+
+
+def suite_kernels(out: Path, d=1024, heads=16, head_dim=64, prefill=2048, cache_len=4096, dtype="float16",
+                  num_experts=128 * 128):
+    """Each module with its Metal kernels against the same module on the pure-MLX ops path
+    (CHEEMS_MLX_KERNELS=0), on the GPU: SSD (scan kernel for the prefill, step kernel for
+    decode), DMA (tiled prefill with tile skipping, flash-decoding), CDMoE (routing + mixing,
+    float and 4-bit expert tables). Returns None where Metal is absent, after saying so."""
+    from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
+
+    from . import kernels
+    from .cdmoe import CDMoE
+    from .dma import DynamicMaskAttention
+    from .model import ModelArgs
+    from .ssd import StateSpaceDuality
+
+    if not kernels.metal_available():
+        msg = KERNELS_UNAVAILABLE.format(device=f"{platform.system()} {platform.machine()}, {mx.default_device()}")
+        (out / "kernels.json").write_text(json.dumps({"suite": "kernels", "machine": machine(),
+                                                      "measured": False, "reason": msg}, indent=2) + "\n")
+        (out / "kernels.md").write_text(msg + "\n")
+        print(msg, file=sys.stderr)
+        return None
+
+    dt = getattr(mx, dtype)
+    common = dict(hidden_size=d, num_attention_heads=heads, num_key_value_heads=heads // 4, head_dim=head_dim,
+                  num_hidden_layers=1, max_position_embeddings=2 * cache_len)
+
+    def ssd():
+        layer = StateSpaceDuality(ModelArgs(**common, layers_type=["ssd"], ssd_chunk_size=256))
+        layer.set_dtype(dt)
+        return layer, lambda: ArraysCache(2)
+
+    def dma(w):
+        layer = DynamicMaskAttention(ModelArgs(**common, layers_type=["attn"], keep_window_size=w))
+        layer.A = mx.random.uniform(-1, 1, layer.A.shape)
+        layer.set_dtype(dt)
+        return layer, lambda: CacheList(KVCache(), KVCache())
+
+    def cdmoe(bits=None):
+        layer = CDMoE(ModelArgs(**common, intermediate_size=4 * d, is_moe=True, num_experts=num_experts,
+                                num_expert_heads=4, num_experts_per_tok=16, expert_retrieval_size=128))
+        layer.set_dtype(dt)
+        if bits:
+            nn.quantize(layer, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Embedding))
+        return layer, None
+
+    designs = [("ssd", ssd), ("dma W=256", lambda: dma(256)), (f"dma W={cache_len}", lambda: dma(cache_len)),
+               ("cdmoe", cdmoe), ("cdmoe 4-bit tables", lambda: cdmoe(4))]
+    rows = []
+    previous = os.environ.get("CHEEMS_MLX_KERNELS")
+    try:
+        for name, make in designs:
+            mx.random.seed(0)
+            layer, make_cache = make()
+            layer.eval()
+            x = (mx.random.normal((1, prefill, d)) * 0.5).astype(dt)
+            long_x = mx.concatenate([x] * (cache_len // prefill), axis=1)
+            row = {"module": name}
+            for path in ("ops", "kernel"):
+                os.environ["CHEEMS_MLX_KERNELS"] = "1" if path == "kernel" else "0"
+                if make_cache is None:
+                    row[f"{path}_prefill_ms"] = 1e3 * timeit(lambda: layer(x))
+                    row[f"{path}_decode_ms"] = 1e3 * timeit(lambda: layer(x[:, :1]), reps=20)
+                    continue
+                cache = make_cache()
+                tic = time.perf_counter()
+                for i in range(0, cache_len, prefill):
+                    mx.eval(layer(long_x[:, i:i + prefill], cache))
+                row[f"{path}_prefill_ms"] = 1e3 * (time.perf_counter() - tic) / (cache_len // prefill)
+                row[f"{path}_decode_ms"] = 1e3 * timeit(lambda: layer(x[:, :1], cache), reps=20)
+            row["prefill_speedup"] = row["ops_prefill_ms"] / row["kernel_prefill_ms"]
+            row["decode_speedup"] = row["ops_decode_ms"] / row["kernel_decode_ms"]
+            rows.append(row)
+            print(f"{name:>22}: prefill ops {row['ops_prefill_ms']:8.2f} ms kernel {row['kernel_prefill_ms']:8.2f} ms"
+                  f" | decode ops {row['ops_decode_ms']:7.3f} ms kernel {row['kernel_decode_ms']:7.3f} ms", flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop("CHEEMS_MLX_KERNELS", None)
+        else:
+            os.environ["CHEEMS_MLX_KERNELS"] = previous
+    result = {"suite": "kernels", "machine": machine(), "measured": True, "dtype": dtype, "hidden_size": d,
+              "heads": heads, "head_dim": head_dim, "prefill": prefill, "cache_len": cache_len, "rows": rows}
+    (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Machine: {result['machine']['platform']}, {mx.default_device()}, {dtype}; d {d}, {heads} heads of "
+             f"{head_dim}; prefill of {prefill} tokens (attention: up to a {cache_len}-token cache), decode of one "
+             "token against it.", "",
+             "| module | prefill ms ops | prefill ms kernels | x | decode ms ops | decode ms kernels | x |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['module']} | {r['ops_prefill_ms']:.2f} | {r['kernel_prefill_ms']:.2f} | "
+                     f"{r['prefill_speedup']:.2f} | {r['ops_decode_ms']:.3f} | {r['kernel_decode_ms']:.3f} | "
+                     f"{r['decode_speedup']:.2f} |")
+    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("suite", choices=SUITES)
@@ -480,10 +698,11 @@ def main(argv=None) -> int:
         suite_attention(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "attention" else {}))
     if a.suite in ("ssd", "all"):
         suite_ssd(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "ssd" else {}))
-    others = [s for s in ("kernels",) if a.suite in (s, "all")]
-    for s in others:
-        print(f"suite {s!r} is not implemented yet", file=sys.stderr)
-    return 1 if others and a.suite != "all" else 0
+    if a.suite in ("kernels", "all"):
+        measured = suite_kernels(a.out)
+        if measured is None and a.suite == "kernels":
+            return 1  # nothing could be measured here (said why above)
+    return 0
 
 
 if __name__ == "__main__":
