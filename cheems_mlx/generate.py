@@ -10,8 +10,11 @@ that fail with one clear line instead of a traceback.
 import argparse
 import json
 import sys
+import time
 
 import mlx.core as mx
+
+from . import distributed
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--extra-eos-token", type=str, nargs="+", default=())
     p.add_argument("--verbose", action="store_true", help="print prompt / generation speed and peak memory")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under mlx.launch: stop with an error when the other ranks make no progress for this "
+                        "many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
     return p
 
 
@@ -104,7 +110,19 @@ def run(a) -> int:
         elif meta.get("model") not in (None, model_ref):
             raise UsageError(f"the prompt cache was made with model {meta['model']!r}, not {model_ref!r}")
 
-    model, tokenizer, config = load(model_ref, adapter_path=a.adapter_path, return_config=True)
+    group = distributed.init(a.dist_timeout)
+    main_rank = group.rank() == 0
+    if group.size() > 1:  # tensor parallel: each rank loads and runs its shard of the model
+        if a.adapter_path is not None:
+            raise UsageError("--adapter-path is not supported by sharded generation: fuse the adapter "
+                             "into the model first (python -m cheems_mlx.fuse)")
+        if prompt_cache is not None:
+            raise UsageError("--prompt-cache-file is not supported by sharded generation")
+        model, tokenizer, config = distributed.sharded_load(model_ref, group, return_config=True)
+        # sampling must agree on every rank: rank 0's seed for all
+        mx.random.seed(distributed.share_object(a.seed if a.seed is not None else int(time.time_ns() % 2**31), group))
+    else:
+        model, tokenizer, config = load(model_ref, adapter_path=a.adapter_path, return_config=True)
     for tok in a.extra_eos_token:
         tokenizer.add_eos_token(tok)
     prompt = encode_prompt(tokenizer, a, prompt_text)
@@ -118,7 +136,9 @@ def run(a) -> int:
             )
         room = context - len(prompt)
         if a.max_tokens == -1 or a.max_tokens > room:
-            print(f"[note] generation capped at {room} tokens by the model's context of {context}", file=sys.stderr)
+            if main_rank:
+                print(f"[note] generation capped at {room} tokens by the model's context of {context}",
+                      file=sys.stderr)
             a.max_tokens = max(1, room)
 
     if a.kv_bits is not None and a.max_kv_size is not None:
@@ -130,12 +150,14 @@ def run(a) -> int:
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if a.kv_bits is not None:
+        if a.kv_bits is not None and main_rank:
             print("[note] the attention K/V caches are quantized from the first token "
                   "(--quantized-kv-start does not apply to hybrid caches)", file=sys.stderr)
 
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
     response = None
+    watchdog = distributed.watchdog()
+    watchdog.arm("generating")
     for response in stream_generate(
         model,
         tokenizer,
@@ -144,10 +166,16 @@ def run(a) -> int:
         sampler=sampler,
         prompt_cache=prompt_cache,
         prefill_step_size=a.prefill_step_size,
+        prompt_progress_callback=watchdog.beat,
     ):
-        print(response.text, end="", flush=True)
-    print(flush=True)
-    if a.verbose and response is not None:
+        watchdog.beat()
+        if main_rank:
+            print(response.text, end="", flush=True)
+    watchdog.disarm()
+    distributed.finish(group)
+    if main_rank:
+        print(flush=True)
+    if a.verbose and response is not None and main_rank:
         print("=" * 10, file=sys.stderr)
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
         print(
@@ -164,8 +192,13 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return run(a)
-    except (UsageError, LoadError) as e:
+    except (UsageError, LoadError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a collective failed: another rank stopped
+        if not distributed.launched():
+            raise
+        print(f"error: {distributed.comm_error_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

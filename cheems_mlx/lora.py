@@ -295,32 +295,56 @@ def make_optimizer(args):
 
 
 def train(args, model, train_set, valid_set, log=print):
+    """The training loop. Under ``mlx.launch`` it is data parallel: every rank holds the
+    whole model and takes ``batch_size / N`` rows of each batch (mlx-lm's
+    ``iterate_batches`` with the group), the gradients are averaged weighting each rank by
+    its token count (so the step equals the single-process step on the whole batch), and
+    only rank 0 writes the adapters, checkpoints and metrics."""
+    from mlx.nn.utils import average_gradients
+    from mlx.utils import tree_map
     from mlx_lm.tuner.datasets import CacheDataset
     from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterate_batches
 
+    from . import distributed
+
+    world = mx.distributed.init()  # the group cheems_mlx.distributed.init joined, or this process alone
+    N, main_rank = world.size(), world.rank() == 0
+    if not main_rank:
+        log = lambda *a, **k: None  # noqa: E731
+    watchdog = distributed.watchdog()
     adapter_path = Path(args.adapter_path)
-    adapter_path.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        adapter_path.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(args)
     start = 0
     metrics_file = adapter_path / "metrics.jsonl"
-    if args.resume:
-        ckpt = _latest_checkpoint(adapter_path)
-        if ckpt is None:
+    if args.resume:  # rank 0 reads the checkpoint; the other ranks receive it
+        ckpt = _latest_checkpoint(adapter_path) if main_rank else None
+        if not distributed.share_object(ckpt is not None, world):
             raise LoRAError(f"--resume: no checkpoint in {adapter_path / 'checkpoints'}")
-        model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
         optimizer.init(model.trainable_parameters())
-        optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-        start = json.loads((ckpt / "state.json").read_text())["iteration"]
-        kept = [l for l in metrics_file.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= start]
-        metrics_file.write_text("".join(l + "\n" for l in kept))
-        log(f"Resuming from {ckpt} (iteration {start})")
+        if main_rank:
+            model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
+            optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+            start = json.loads((ckpt / "state.json").read_text())["iteration"]
+            kept = [l for l in metrics_file.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= start]
+            metrics_file.write_text("".join(l + "\n" for l in kept))
+            log(f"Resuming from {ckpt} (iteration {start})")
+        if N > 1:
+            start = distributed.share_object(start, world)
+            state_items = tree_flatten(optimizer.state) if main_rank else None
+            optimizer.state = tree_unflatten(distributed.broadcast_arrays(state_items, world))
     else:
-        if args.resume_adapter_file is not None:
+        if args.resume_adapter_file is not None and main_rank:
             log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
             model.load_weights(args.resume_adapter_file, strict=False)
-        metrics_file.write_text("")
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume",)}
-    (adapter_path / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if main_rank:
+            metrics_file.write_text("")
+    # the same starting adapters everywhere (random LoRA init, resumed or loaded weights)
+    distributed.broadcast_parameters(model, world, trainable_only=True)
+    if main_rank:
+        cfg = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+        (adapter_path / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
 
     if args.grad_checkpoint:  # all our decoder layers share one class
         grad_checkpoint(model.layers[0])
@@ -330,6 +354,12 @@ def train(args, model, train_set, valid_set, log=print):
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch):
         (loss, toks), grad = loss_value_and_grad(model, *batch)
+        if N > 1:  # the mean over all ranks' tokens: weight each rank's mean by its tokens
+            total = mx.distributed.all_sum(toks, group=world)
+            weight = toks.astype(mx.float32) * N / total.astype(mx.float32)
+            grad = average_gradients(tree_map(lambda g: g * weight.astype(g.dtype), grad), group=world)
+            loss = mx.distributed.all_sum(loss * toks.astype(loss.dtype), group=world) / total.astype(loss.dtype)
+            toks = total
         optimizer.update(model, grad)
         return loss, toks
 
@@ -339,7 +369,8 @@ def train(args, model, train_set, valid_set, log=print):
     # on --seed and the step (a resumed run replays it exactly)
     np.random.seed(args.seed)
     train_rng = np.random.get_state()
-    batches = iterate_batches(train_ds, args.batch_size, args.max_seq_length, loop=True)
+    batches = iterate_batches(train_ds, args.batch_size, args.max_seq_length, loop=True,
+                              comm_group=world if N > 1 else None)
 
     def next_batch():
         nonlocal train_rng
@@ -353,20 +384,28 @@ def train(args, model, train_set, valid_set, log=print):
 
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    log(f"Trainable parameters: {100 * n_train / n_params:.3f}% ({n_train / 1e6:.3f}M/{n_params / 1e6:.3f}M)")
+    log(f"Trainable parameters: {100 * n_train / n_params:.3f}% ({n_train / 1e6:.3f}M/{n_params / 1e6:.3f}M)"
+        + (f"; data parallel over {N} ranks, {args.batch_size // N} rows each" if N > 1 else ""))
     mx.reset_peak_memory()
-    metrics = open(metrics_file, "a")
+    metrics = open(metrics_file, "a") if main_rank else None
+
+    def record(row):
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    watchdog.arm("training")
     losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
     for it in range(start + 1, args.iters + 1):
         if it == 1 or it % args.steps_per_eval == 0 or it == args.iters:
             tic = time.perf_counter()
             model.eval()
             np.random.seed(args.seed + 1)  # the same validation batches at every evaluation
-            val = evaluate(model, valid_ds, args.batch_size, args.val_batches, args.max_seq_length)
+            # mlx-lm's evaluate splits each batch over the ranks and all_sums the losses
+            val = evaluate(model, valid_ds, args.batch_size, args.val_batches, args.max_seq_length,
+                           progress_callback=watchdog.beat)
             model.train()
-            row = {"iteration": it - 1, "val_loss": val}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            record({"iteration": it - 1, "val_loss": val})
             log(f"Iter {it - 1}: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
         batch = next_batch()
         tic = time.perf_counter()
@@ -374,6 +413,7 @@ def train(args, model, train_set, valid_set, log=print):
         mx.random.seed(args.seed * 1_000_003 + it)  # dropout noise is a function of the step
         loss, toks = step(batch)
         mx.eval(state, loss, toks)
+        watchdog.beat()
         elapsed += time.perf_counter() - tic
         losses += loss.item()
         ntoks += toks.item()
@@ -381,15 +421,16 @@ def train(args, model, train_set, valid_set, log=print):
         if it % args.steps_per_report == 0 or it == args.iters:
             row = {"iteration": it, "train_loss": losses / steps, "tokens_per_second": ntoks / elapsed,
                    "learning_rate": float(optimizer.learning_rate), "peak_memory_gb": mx.get_peak_memory() / 1e9}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            record(row)
             log(f"Iter {it}: Train loss {row['train_loss']:.3f}, It/sec {steps / elapsed:.3f}, "
                 f"Tokens/sec {row['tokens_per_second']:.1f}, Peak mem {row['peak_memory_gb']:.3f} GB")
             losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
-        if it % args.save_every == 0 or it == args.iters:
+        if (it % args.save_every == 0 or it == args.iters) and main_rank:
             _save_checkpoint(adapter_path, model, optimizer, it)
             loss_curve(metrics_file, adapter_path / "loss.png", f"{args.fine_tune_type} on {args.data}", "iteration")
-    metrics.close()
+    watchdog.disarm()
+    if metrics is not None:
+        metrics.close()
     if args.iters <= start:
         log(f"Nothing to do: the run already reached iteration {start}")
     return model
@@ -411,6 +452,9 @@ def parse_args(argv=None):
     parser.add_argument("--lora-scale", type=float, default=None)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --adapter-path from its latest checkpoint")
+    parser.add_argument("--dist-timeout", type=float, default=None,
+                        help="under mlx.launch: stop with an error when the other ranks make no progress "
+                             "for this many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
     a = vars(parser.parse_args(argv))
     if a.get("config"):
         with open(a["config"]) as f:
@@ -451,6 +495,10 @@ def check_args(args):
         raise LoRAError("--grad-accumulation-steps is not supported here (use a larger --batch-size)")
     if args.learning_rate <= 0 and not args.lr_schedule:
         raise LoRAError("--learning-rate must be positive")
+    world = mx.distributed.init().size()
+    if args.batch_size % world:
+        raise LoRAError(f"--batch-size {args.batch_size} is the batch of all ranks together and must be "
+                        f"divisible by the {world} ranks")
 
 
 def _half_precision(model) -> bool:
@@ -462,6 +510,8 @@ def _half_precision(model) -> bool:
 def run(args, log=print):
     from .loading import load
 
+    if mx.distributed.init().rank() != 0:  # data parallel: rank 0 speaks for all
+        log = lambda *a, **k: None  # noqa: E731
     check_args(args)
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
@@ -484,21 +534,34 @@ def run(args, log=print):
         from mlx_lm.tuner.datasets import CacheDataset
         from mlx_lm.tuner.trainer import evaluate
 
+        from . import distributed
+
         model.eval()
-        test_loss = evaluate(model, CacheDataset(test_set), args.batch_size, args.test_batches, args.max_seq_length)
+        watchdog = distributed.watchdog()
+        with watchdog.watch("evaluating the test set"):  # split over the ranks by mlx-lm's evaluate
+            test_loss = evaluate(model, CacheDataset(test_set), args.batch_size, args.test_batches,
+                                 args.max_seq_length, progress_callback=watchdog.beat)
         log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.")
         return test_loss
     return None
 
 
 def main(argv=None) -> int:
+    from . import distributed
     from .loading import LoadError
 
     try:
         args = parse_args(argv)
+        group = distributed.init(args.dist_timeout)
         run(args)
-    except (LoRAError, LoadError) as e:
+        distributed.finish(group)
+    except (LoRAError, LoadError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a collective failed: another rank stopped
+        if not distributed.launched():
+            raise
+        print(f"error: {distributed.comm_error_message(e)}", file=sys.stderr)
         return 1
     return 0
 

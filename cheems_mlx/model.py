@@ -217,6 +217,13 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor-parallel split over the ranks of ``group`` (mlx-lm's ``shard`` convention):
+        heads, MLP width, expert rows and vocabulary rows; see ``cheems_mlx.distributed``."""
+        from .distributed import shard_model
+
+        return shard_model(self, group)
+
     def make_cache(
         self,
         left_padding: Optional[List[int]] = None,

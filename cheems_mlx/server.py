@@ -3,8 +3,16 @@
 Everything (routes, streaming, batching, prompt-cache reuse) is mlx-lm's; the one
 change is the loader: models load through ``cheems_mlx.load`` (our classes, no
 ``--trust-remote-code``, the embedded default model when ``--model`` is omitted).
+
+Under ``mlx.launch`` mlx-lm's server runs one generation loop per rank in lockstep and
+rank 0 answers HTTP; here the model is then loaded shard by shard
+(``cheems_mlx.distributed.sharded_load``), every loop iteration is reported to the
+watchdog, and a rank whose generation loop fails (another rank died) exits with a
+one-line error instead of serving errors forever. ``--dist-timeout SECONDS`` (or
+``CHEEMS_DIST_TIMEOUT``) bounds how long a rank waits for the others.
 """
 
+import os
 import sys
 
 
@@ -16,20 +24,81 @@ def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=Fa
     return load(model_path, tokenizer_config=tokenizer_config, adapter_path=adapter_path, return_config=return_config)
 
 
+def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=False, tokenizer_config=None, **_):
+    from .distributed import DistributedError, sharded_load
+
+    if pipeline_group is not None:
+        raise DistributedError("pipeline parallelism (--pipeline) is not supported for Cheems models; "
+                               "run without it (the model is split by heads, experts and vocabulary)")
+    if repo in (None, "default_model"):
+        repo = None
+    return sharded_load(repo, tensor_group, tokenizer_config=tokenizer_config, return_config=return_config)
+
+
+def _pop_flag(argv, name):
+    """Remove ``name VALUE`` / ``name=VALUE`` from argv (mlx-lm's parser does not know it)."""
+    value = None
+    out = []
+    it = iter(argv)
+    for arg in it:
+        if arg == name:
+            value = next(it, None)
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+    return out, value
+
+
+def _patch_for_distributed(server, distributed):
+    """Report each generation-loop iteration to the watchdog; stop the process when the
+    loop dies in a distributed run (a lost rank), naming the cause in one line."""
+    watchdog = distributed.watchdog()
+    next_request = server.ResponseGenerator._next_request
+    generate = server.ResponseGenerator._generate
+
+    def _next_request(self, timeout=None):
+        watchdog.beat()
+        return next_request(self, timeout)
+
+    def _generate(self):
+        watchdog.arm("serving (each loop iteration syncs the ranks)")
+        try:
+            generate(self)
+        except BaseException as e:
+            msg = str(e) if isinstance(e, distributed.DistributedError) else distributed.comm_error_message(e)
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            os._exit(1)
+        watchdog.disarm()
+
+    server.ResponseGenerator._next_request = _next_request
+    server.ResponseGenerator._generate = _generate
+
+
 def main(argv=None):
     import mlx_lm.server as server
 
+    from . import distributed
     from .loading import LoadError, resolve_model_path
 
-    if argv is not None:
-        sys.argv = [sys.argv[0]] + list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, timeout = _pop_flag(argv, "--dist-timeout")
+    sys.argv = [sys.argv[0]] + argv
     if "--model" not in sys.argv:
         try:  # fail now, not at the first request
             resolve_model_path(None)
         except LoadError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+    try:
+        group = distributed.init(None if timeout is None else float(timeout))
+    except (distributed.DistributedError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     server.load = _load
+    server.sharded_load = _sharded_load
+    if group.size() > 1:
+        _patch_for_distributed(server, distributed)
     server.main()
     return 0
 

@@ -32,8 +32,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed
 from .model import Model, ModelArgs
 from .plots import loss_curve
 
@@ -184,12 +186,23 @@ def loss_fn(model, inputs, targets):
     return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
 
 
-def evaluate(model, tokens, batch_size, seq_len, max_batches) -> float:
+def evaluate(model, tokens, batch_size, seq_len, max_batches, group=None, beat=None) -> float:
+    """Mean cross-entropy over the held-out windows; with a group of N ranks, each rank
+    takes every N-th batch's rows r::N and the sums are all_sum-ed."""
+    N, r = (group.size(), group.rank()) if group is not None else (1, 0)
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
+        x, y = x[r::N], y[r::N]
+        if y.shape[0] == 0:
+            continue
         logits = model(x).astype(mx.float32)
         total += nn.losses.cross_entropy(logits, y, reduction="sum").item()
         count += y.size
+        if beat is not None:
+            beat()
+    if N > 1:
+        sums = mx.distributed.all_sum(mx.array([total, count], dtype=mx.float32), group=group, stream=mx.cpu)
+        total, count = sums.tolist()
     return total / max(count, 1)
 
 
@@ -248,28 +261,41 @@ def fit(
 ):
     from tqdm import tqdm
 
+    from . import distributed
+
+    # data parallel under mlx.launch: every rank draws the same global batch and trains on
+    # its rows; the gradients are averaged; rank 0 alone writes the run folder
+    group = mx.distributed.init()
+    N, main_rank = group.size(), group.rank() == 0
+    if batch_size % N:
+        raise TrainError(f"--batch-size {batch_size} is the batch of all ranks together and must be "
+                         f"divisible by the {N} ranks")
     train_tokens, val_tokens = load_split(data, "train"), load_split(data, "val")
-    run.mkdir(parents=True, exist_ok=True)
     cfg_path = run / "model_config.json"
+    if main_rank:
+        run.mkdir(parents=True, exist_ok=True)
     if resume:
-        if not cfg_path.exists():
+        config = json.loads(cfg_path.read_text()) if main_rank and cfg_path.exists() else None
+        config = distributed.share_object(config, group)
+        if config is None:
             raise TrainError(f"--resume: {run} holds no run to resume")
-        config = json.loads(cfg_path.read_text())
     else:
-        if latest_checkpoint(run) is not None:
+        exists = distributed.share_object(main_rank and latest_checkpoint(run) is not None, group)
+        if exists:
             raise TrainError(f"{run} already holds checkpoints; pass --resume or another --out")
         config = json.loads(Path(model_config).read_text())
         data_info = json.loads((data / "data.json").read_text())
         config.setdefault("vocab_size", data_info["vocab_size"])
-        cfg_path.write_text(json.dumps(config, indent=2))
-        (run / "train_args.json").write_text(
-            json.dumps(
-                dict(data=str(data), steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                     min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
-                     seed=seed),
-                indent=2,
+        if main_rank:
+            cfg_path.write_text(json.dumps(config, indent=2))
+            (run / "train_args.json").write_text(
+                json.dumps(
+                    dict(data=str(data), steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                         seed=seed),
+                    indent=2,
+                )
             )
-        )
     args = ModelArgs.from_dict(config)
     mx.random.seed(seed)
     model = Model(args)
@@ -278,21 +304,27 @@ def fit(
     optimizer = optim.AdamW(learning_rate=lr, weight_decay=weight_decay)
     start = 0
     if resume:
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
+        ckpt = latest_checkpoint(run) if main_rank else None
+        if not distributed.share_object(ckpt is not None, group):
             raise TrainError(f"--resume: no checkpoint in {run}/checkpoints")
-        model.load_weights(str(ckpt / "model.safetensors"))
         optimizer.init(model.trainable_parameters())
-        opt = mx.load(str(ckpt / "optimizer.safetensors"))
-        optimizer.state = tree_unflatten(list(opt.items()))
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-        print(f"resuming from {ckpt} (step {start})", file=sys.stderr)
-        # drop metrics logged after that checkpoint so the curve has no duplicates
-        rows = [l for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        rows = [l for l in rows if json.loads(l)["step"] <= start]
-        (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-    else:
+        if main_rank:
+            model.load_weights(str(ckpt / "model.safetensors"))
+            opt = mx.load(str(ckpt / "optimizer.safetensors"))
+            optimizer.state = tree_unflatten(list(opt.items()))
+            start = json.loads((ckpt / "state.json").read_text())["step"]
+            print(f"resuming from {ckpt} (step {start})", file=sys.stderr)
+            # drop metrics logged after that checkpoint so the curve has no duplicates
+            rows = [l for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            rows = [l for l in rows if json.loads(l)["step"] <= start]
+            (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+        if N > 1:
+            start = distributed.share_object(start, group)
+            items = tree_flatten(optimizer.state) if main_rank else None
+            optimizer.state = tree_unflatten(distributed.broadcast_arrays(items, group))
+    elif main_rank:
         (run / "metrics.jsonl").write_text("")
+    distributed.broadcast_parameters(model, group)  # every rank starts from rank 0's weights
     mx.eval(model.parameters())
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -300,48 +332,63 @@ def fit(
 
     def train_step(x, y, lr_now):
         loss, grads = value_and_grad(model, x, y)
+        if N > 1:  # every rank's rows hold seq_len tokens: the plain mean is the global mean
+            grads = average_gradients(grads, group=group)
+            loss = mx.distributed.all_sum(loss, group=group) / N
         grads, norm = optim.clip_grad_norm(grads, grad_clip)
         optimizer.learning_rate = lr_now
         optimizer.update(model, grads)
         return loss, norm
 
     step_fn = mx.compile(train_step, inputs=state, outputs=state)
-    metrics = open(run / "metrics.jsonl", "a")
-    print(
-        f"model: {n_params / 1e6:.2f}M parameters, layers {args.layers_type}; "
-        f"train {train_tokens.size:,} tokens, val {val_tokens.size:,} tokens",
-        file=sys.stderr,
-    )
-    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    metrics = open(run / "metrics.jsonl", "a") if main_rank else None
+
+    def record(row):
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    if main_rank:
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters, layers {args.layers_type}; "
+            f"train {train_tokens.size:,} tokens, val {val_tokens.size:,} tokens"
+            + (f"; data parallel over {N} ranks, {batch_size // N} rows each" if N > 1 else ""),
+            file=sys.stderr,
+        )
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not main_rank)
+    watchdog = distributed.watchdog()
+    watchdog.arm("training")
+    rows = slice(group.rank() * (batch_size // N), (group.rank() + 1) * (batch_size // N))
     tic, tok_since, last = time.perf_counter(), 0, {}
     for step in range(start, steps):
-        x, y = sample_batch(train_tokens, batch_size, seq_len, seed, step)
-        loss, norm = step_fn(x, y, mx.array(schedule(step), dtype=mx.float32))
+        x, y = sample_batch(train_tokens, batch_size, seq_len, seed, step)  # the global batch
+        loss, norm = step_fn(x[rows], y[rows], mx.array(schedule(step), dtype=mx.float32))
         mx.eval(state, loss)
+        watchdog.beat()
         tok_since += x.size
         done = step + 1
         if done % log_every == 0 or done == steps:
             dt = time.perf_counter() - tic
             last = {"step": done, "train_loss": loss.item(), "lr": schedule(step),
                     "grad_norm": norm.item(), "tokens_per_sec": tok_since / dt}
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
+            record(last)
             bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
             tic, tok_since = time.perf_counter(), 0
         if done % eval_every == 0 or done == steps:
-            val = evaluate(model, val_tokens, batch_size, seq_len, eval_batches_n)
-            row = {"step": done, "val_loss": val, "val_ppl": math.exp(val)}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            bar.write(f"step {done}: val loss {val:.4f}, ppl {math.exp(val):.2f}")
+            val = evaluate(model, val_tokens, batch_size, seq_len, eval_batches_n, group, watchdog.beat)
+            record({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
+            if main_rank:
+                bar.write(f"step {done}: val loss {val:.4f}, ppl {math.exp(val):.2f}")
             tic = time.perf_counter()
-        if done % save_every == 0 or done == steps:
+        if (done % save_every == 0 or done == steps) and main_rank:
             save_checkpoint(run, model, optimizer, done, {"train_loss": last.get("train_loss")})
             plot_losses(run)
             tic = time.perf_counter()
         bar.update(1)
+    watchdog.disarm()
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return model
 
 
@@ -394,6 +441,9 @@ def main(argv=None):
     pf.add_argument("--save-every", type=int, default=200)
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--resume", action="store_true")
+    pf.add_argument("--dist-timeout", type=float, default=None,
+                    help="under mlx.launch: stop with an error when the other ranks make no progress for "
+                         "this many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
     pe = sub.add_parser("export", help="write a model folder from a run's latest checkpoint")
     pe.add_argument("--run", type=Path, required=True)
     pe.add_argument("--data", type=Path, help="prepared data folder (tokenizer); default: the run's")
@@ -410,14 +460,24 @@ def main(argv=None):
                 raise TrainError("--model-config is required unless --resume")
             if a.steps < 1 or a.batch_size < 1 or a.seq_len < 2:
                 raise TrainError("--steps, --batch-size must be >= 1 and --seq-len >= 2")
+            group = distributed.init(a.dist_timeout)
             fit(a.data, a.model_config, a.out, a.steps, a.batch_size, a.seq_len, a.lr, a.min_lr,
                 a.warmup, a.weight_decay, a.grad_clip, a.eval_every, a.eval_batches, a.save_every,
                 a.seed, a.resume)
+            distributed.finish(group)
         else:
             path = export(a.run, a.data, a.out, a.dtype, a.force)
             print(f"wrote {path}")
-    except (TrainError, ValueError, OSError) as e:
+    except (TrainError, ValueError, OSError) as e:  # DistributedError is a RuntimeError, below
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if isinstance(e, distributed.DistributedError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if not distributed.launched():
+            raise
+        print(f"error: {distributed.comm_error_message(e)}", file=sys.stderr)  # another rank stopped
         return 1
     return 0
 
