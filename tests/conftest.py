@@ -85,6 +85,13 @@ def tiny_doge(seed=0, **overrides):
     return model
 
 
+# Metal kernels on the CPU emulator (tests/metal_emulator, test_kernels_*.py): the activation
+# dtypes every kernel is checked in and the relative tolerances against the ops path (float32:
+# summation order only; float16 / bfloat16: the ops path rounds intermediates to the dtype,
+# 2^-11 / 2^-8 relative -- reasons per kernel in each test file's docstring).
+KERNEL_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+KERNEL_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
 RTOL_F32 = 2e-5  # float32 vs a float64 numpy reference: ~1e-6 observed
 
 

@@ -65,10 +65,7 @@ def test_kernels_suite_runs_its_mac_path_on_the_emulator(tmp_path, monkeypatch):
     end to end, with the kernels executed by the CPU emulator at toy sizes."""
     from cheems_mlx import bench, kernels
 
-    try:
-        from metal_emulator import make_factory
-    except ImportError:  # pragma: no cover
-        from tests.metal_emulator import make_factory
+    from metal_emulator import make_factory
 
     monkeypatch.setattr(kernels, "metal_available", lambda: True)
     with kernels.backend(make_factory()):

@@ -34,29 +34,13 @@ from mlx_lm.models.cache import BatchKVCache, CacheList, KVCache, QuantizedKVCac
 from cheems_mlx import kernels
 from cheems_mlx.dma import _normalize_valid, dynamic_mask, kernel_attention, key_selection, mask_min
 
-try:
-    from metal_emulator import EmulatorError, make_factory
-except ImportError:  # pragma: no cover - depends on how tests/ is put on sys.path
-    try:
-        from tests.metal_emulator import EmulatorError, make_factory
-    except ImportError:
-        pytest.skip("the Metal emulator (tests/metal_emulator) is not available", allow_module_level=True)
+from conftest import KERNEL_DTYPES as DTYPES, KERNEL_TOL as TOL  # noqa: E402
+from metal_emulator import EmulatorError, make_factory
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
 MODULE_TOL = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
 F32_MIN = float(np.finfo(np.float32).min)
 
-_factories = {}
-
-
-def factory(schedule="inorder", sanitizer=None):
-    """One emulator factory per (schedule, sanitizer) for the whole session (kernels are
-    built once per factory)."""
-    key = (schedule, sanitizer)
-    if key not in _factories:
-        _factories[key] = make_factory(schedule=schedule, sanitizer=sanitizer)
-    return _factories[key]
+factory = make_factory  # one emulator factory per (schedule, sanitizer), kernels built once each
 
 
 def assert_close(ours, ref, tol, what=""):

@@ -15,10 +15,7 @@ import pytest
 from cheems_mlx import kernels
 from test_model_consistency import hybrid_args, random_model
 
-try:
-    from metal_emulator import make_factory
-except ImportError:  # pragma: no cover - depends on how tests/ is put on sys.path
-    from tests.metal_emulator import make_factory
+from metal_emulator import make_factory
 
 KERNELS = {"ssd_step", "ssd_scan", "dma_prefill", "dma_decode", "dma_decode_combine", "cdmoe_route", "cdmoe_mix"}
 

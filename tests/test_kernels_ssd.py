@@ -33,23 +33,13 @@ from cheems_mlx.ssd import (
     ssd_step_kernel,
 )
 
-try:
-    from metal_emulator import EmulatorError, make_factory
-except ImportError:  # pragma: no cover - depends on how tests/ is put on sys.path
-    try:
-        from tests.metal_emulator import EmulatorError, make_factory
-    except ImportError:
-        pytest.skip("the Metal emulator (tests/metal_emulator) is not available", allow_module_level=True)
+from conftest import KERNEL_DTYPES as DTYPES, KERNEL_TOL as TOL  # noqa: E402
+from metal_emulator import EmulatorError, make_factory
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
 SCHEDULES = ["inorder", "random:7"]
 
 
-def factory(schedule="inorder", sanitizer=None):
-    """The emulator's factory for (schedule, sanitizer): one object per pair for the whole
-    session, so kernels are built once per pair (kernels caches builds per factory)."""
-    return make_factory(schedule=schedule, sanitizer=sanitizer)
+factory = make_factory  # one emulator factory per (schedule, sanitizer), kernels built once each
 
 
 def assert_close(ours, ref, tol, what=""):
