@@ -92,6 +92,22 @@ def tiny_doge(seed=0, **overrides):
 KERNEL_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 KERNEL_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
 
+
+def planted_kernel(monkeypatch, name, source, header, emulator):
+    """Until ``monkeypatch.undo()``: ``kernels.kernel(name, ...)`` builds ``source`` (a copy of
+    the kernel with a planted bug) with ``emulator``, outside kernels' cache of real builds."""
+    from cheems_mlx import kernels
+
+    real = kernels.kernel
+
+    def kernel(kname, input_names, output_names, **kw):
+        if kname != name:
+            return real(kname, input_names, output_names, **kw)
+        return emulator(name=f"{name}_planted", input_names=list(input_names), output_names=list(output_names),
+                        source=source, header=header)
+
+    monkeypatch.setattr(kernels, "kernel", kernel)
+
 RTOL_F32 = 2e-5  # float32 vs a float64 numpy reference: ~1e-6 observed
 
 

@@ -26,7 +26,7 @@ from cheems_mlx import kernels
 from cheems_mlx.cdmoe import CDMoE, candidate_pairs, expert_mix_kernel, product_key_route_kernel
 from cheems_mlx.model import ModelArgs
 
-from conftest import KERNEL_DTYPES as DTYPES, KERNEL_TOL as TOL  # noqa: E402
+from conftest import KERNEL_DTYPES as DTYPES, KERNEL_TOL as TOL, planted_kernel  # noqa: E402
 from metal_emulator import EmulatorError, make_factory
 
 SCHEDULES = ["inorder", "random:11"]
@@ -303,25 +303,17 @@ def test_emulator_catches_a_missing_barrier_in_the_mix_kernel(monkeypatch):
     layer = make_cdmoe(d=48, E=64, top_k=4, He=3, seed=9)
     x = mx.array(np.random.default_rng(9).normal(size=(1, 2, 48)).astype(np.float32))
     weights, indices, ref = routed(layer, x)
-    real_kernel = kernels.kernel
     caught = []
     for schedule in ("inorder", "reverse", "random:5"):
         emulator = factory(schedule)
-
-        def kernel(name, input_names, output_names, **kw):  # the planted copy, outside kernels' cache
-            if name != "cdmoe_mix":
-                return real_kernel(name, input_names, output_names, **kw)
-            return emulator(name="cdmoe_mix_planted", input_names=list(input_names),
-                            output_names=list(output_names), source=planted, header=header)
-
         with kernels.backend(emulator):
             out = expert_mix_kernel(x, weights, indices, layer.down_embed, layer.up_embed)  # real: passes
             assert_close(out, ref, TOL["float32"])
-            monkeypatch.setattr(kernels, "kernel", kernel)
+            planted_kernel(monkeypatch, "cdmoe_mix", planted, header, emulator)
             try:
                 out = expert_mix_kernel(x, weights, indices, layer.down_embed, layer.up_embed)
                 assert_close(out, ref, TOL["float32"])
             except (AssertionError, EmulatorError) as e:
                 caught.append((schedule, type(e).__name__))
-            monkeypatch.setattr(kernels, "kernel", real_kernel)
+            monkeypatch.undo()
     assert caught, "the emulator did not notice the missing barrier under any schedule"

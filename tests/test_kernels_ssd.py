@@ -33,7 +33,7 @@ from cheems_mlx.ssd import (
     ssd_step_kernel,
 )
 
-from conftest import KERNEL_DTYPES as DTYPES, KERNEL_TOL as TOL  # noqa: E402
+from conftest import KERNEL_DTYPES as DTYPES, KERNEL_TOL as TOL, planted_kernel  # noqa: E402
 from metal_emulator import EmulatorError, make_factory
 
 SCHEDULES = ["inorder", "random:7"]
@@ -294,26 +294,18 @@ def test_emulator_catches_a_missing_barrier_in_the_scan_kernel(monkeypatch):
     planted = body.replace(barrier, "\n    // 2. intra-chunk matrix G", 1)
     x, dt, A, B, C, S0 = make_inputs(1, 10, 1, 8, mx.float32, seed=4)
     y_ref, S_ref = ssd_chunked_scan(x, dt, A, B, C, 4, S0)
-    real_kernel = kernels.kernel
     caught = []
     for schedule in ("inorder", "reverse", "random:5"):
         emulator = factory(schedule)
-
-        def kernel(name, input_names, output_names, **kw):  # the planted copy, outside kernels' cache
-            if name != "ssd_scan":
-                return real_kernel(name, input_names, output_names, **kw)
-            return emulator(name="ssd_scan_planted", input_names=list(input_names),
-                            output_names=list(output_names), source=planted, header=header)
-
         with kernels.backend(emulator):
             y, S = ssd_chunked_scan_kernel(x, dt, A, B, C, S0, None, None, 4)  # the real kernel passes
             assert_close(y, y_ref, TOL["float32"])
-            monkeypatch.setattr(kernels, "kernel", kernel)
+            planted_kernel(monkeypatch, "ssd_scan", planted, header, emulator)
             try:
                 y, S = ssd_chunked_scan_kernel(x, dt, A, B, C, S0, None, None, 4)
                 assert_close(y, y_ref, TOL["float32"])
                 assert_close(S, S_ref, TOL["float32"])
             except (AssertionError, EmulatorError) as e:
                 caught.append((schedule, type(e).__name__))
-            monkeypatch.setattr(kernels, "kernel", real_kernel)
+            monkeypatch.undo()
     assert caught, "the emulator did not notice the missing barrier under any schedule"
