@@ -46,12 +46,11 @@ its rank with a clear message when no progress is made for ``--dist-timeout`` se
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -279,6 +278,24 @@ def comm_error_message(e: BaseException, group=None) -> str:
         return (f"{who} lost the connection to another rank ({msg}): that rank stopped or "
                 "crashed; see its output")
     return f"{who}: {msg}"
+
+
+
+def run_cli(body, expected: tuple) -> int:
+    """Run a CLI's ``body()``: its ``expected`` errors and a DistributedError become one
+    ``error:`` line and exit 1, and so does a collective that failed because another rank
+    stopped (only when launched; otherwise a RuntimeError is a bug and propagates)."""
+    try:
+        code = body()
+        return 0 if code is None else code
+    except expected + (DistributedError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not launched():
+            raise
+        print(f"error: {comm_error_message(e)}", file=sys.stderr)
+        return 1
 
 
 # --------------------------------------------------------------------------- sharing data

@@ -3,7 +3,6 @@ model folder (same flags as ``mlx_lm.fuse``; the fusing itself is the adapter la
 own ``fuse``)."""
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

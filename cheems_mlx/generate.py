@@ -191,15 +191,7 @@ def main(argv=None) -> int:
 
     a = build_parser().parse_args(argv)
     try:
-        return run(a)
-    except (UsageError, LoadError, distributed.DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # a collective failed: another rank stopped
-        if not distributed.launched():
-            raise
-        print(f"error: {distributed.comm_error_message(e)}", file=sys.stderr)
-        return 1
+        return distributed.run_cli(lambda: run(a), (UsageError, LoadError))
     except KeyboardInterrupt:
         return 130
 

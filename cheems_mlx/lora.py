@@ -550,20 +550,13 @@ def main(argv=None) -> int:
     from . import distributed
     from .loading import LoadError
 
-    try:
+    def body():
         args = parse_args(argv)
         group = distributed.init(args.dist_timeout)
         run(args)
         distributed.finish(group)
-    except (LoRAError, LoadError, distributed.DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # a collective failed: another rank stopped
-        if not distributed.launched():
-            raise
-        print(f"error: {distributed.comm_error_message(e)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return distributed.run_cli(body, (LoRAError, LoadError))
 
 
 if __name__ == "__main__":

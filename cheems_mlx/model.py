@@ -17,7 +17,7 @@ This module is also an mlx-lm model module: ``ModelArgs``, ``Model`` with ``laye
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx

@@ -451,7 +451,8 @@ def main(argv=None):
     pe.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
     pe.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
-    try:
+
+    def body():
         if a.cmd == "prepare":
             info = prepare(a.text, a.out, a.vocab_size, a.val_fraction)
             print(json.dumps(info, indent=2))
@@ -468,18 +469,8 @@ def main(argv=None):
         else:
             path = export(a.run, a.data, a.out, a.dtype, a.force)
             print(f"wrote {path}")
-    except (TrainError, ValueError, OSError) as e:  # DistributedError is a RuntimeError, below
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if isinstance(e, distributed.DistributedError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if not distributed.launched():
-            raise
-        print(f"error: {distributed.comm_error_message(e)}", file=sys.stderr)  # another rank stopped
-        return 1
-    return 0
+
+    return distributed.run_cli(body, (TrainError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def native_config(config: Dict[str, Any], fmt: str, weights_shapes: Dict[str, tu
             out["num_key_value_heads"] = H  # the paper-time attention has no GQA
         out["is_moe"] = bool(config.get("is_moe", False))
         prefix = "num_cdmoe_" if fmt == "cheems" else "num_cdmmoe_"
-        if f"{prefix}experts" not in config and f"num_cdmoe_experts" in config:
+        if f"{prefix}experts" not in config and "num_cdmoe_experts" in config:
             prefix = "num_cdmoe_"
         out["moe_router"] = "queries"
         out["moe_routing"] = "per_token"
