@@ -14,7 +14,15 @@ Mask rules (``dynamic_mask_rule``), reproduced as the reference implementations 
   padding masking) stay, the rest are masked.
 - ``legacy_ratio`` (remote-code Doge): additive m; when T > W, k = int((T - W) * r) and
   per (batch, head) the keys whose m is strictly below the k-th smallest m over all T
-  keys are masked for every query.
+  keys are masked for every query (k = 0 masks nothing; a ratio outside (0, 1] is an
+  error, as in the reference). The reference fills those keys with the dtype's minimum
+  and then ADDS the causal / padding mask (also the minimum), so a key masked by both
+  becomes -inf while a key masked by one stays at the minimum (m + min rounds to min).
+  A query row whose allowed keys are all dynamically masked is therefore uniform over
+  the entries masked exactly once -- its causal keys and the future keys the dynamic
+  mask kept -- and zero on the future keys both masks hit; this happens in the first
+  rows of a prompt longer than W. Reproduced as such: the three levels m / min / -inf
+  (a row always has a finite entry: the dynamic rule keeps T - k + 1 >= 1 keys).
 - ``cheems_ratio`` (official Cheems HEAD): additive m; when 0 < r < 1, tau = k-th
   smallest m with k = int(T * r) over all T keys, keys with m < tau masked.
 - ``hard`` (Cheems at paper time): a boolean test; keys with m < 1 are masked and this
@@ -79,15 +87,15 @@ def ratio_rank(rule: str, T: int, keep_window_size: int, ratio: float) -> Option
         return k if k > 0 else None
     if T <= keep_window_size:  # legacy_ratio
         return None
-    k = int((T - keep_window_size) * ratio)
-    if k < 1:
+    if not 0.0 < ratio <= 1.0:
         raise ValueError(
             f"legacy Doge dynamic mask: key length {T} exceeds keep_window_size "
-            f"{keep_window_size} but dynamic_mask_ratio={ratio} selects no key "
-            "(the reference code fails here too); set dynamic_mask_ratio > 0 or "
-            "raise keep_window_size"
+            f"{keep_window_size} and dynamic_mask_ratio={ratio} is outside (0, 1] "
+            "(the reference code fails here too); set 0 < dynamic_mask_ratio <= 1 in "
+            "config.json or raise keep_window_size"
         )
-    return k
+    k = int((T - keep_window_size) * ratio)
+    return k if k > 0 else None  # the reference masks nothing while k is 0
 
 
 def dynamic_mask(
@@ -105,21 +113,31 @@ def dynamic_mask(
     valid: bool, broadcastable to (batch, 1, q_len, T) -- causal / padding / window; None = all.
     """
     b, hm, T = bias.shape
-    m = bias[:, :, None, :]  # (b, Hm, 1, T)
+    # m = exp(A * softplus(.)) can exceed the activation dtype's range (trained models
+    # learn large A; float16 overflows at 65504): keep it finite, which keeps its meaning
+    # (such a key takes all the weight) instead of turning the row into NaN
+    raw = bias[:, :, None, :]  # (b, Hm, 1, T): the rules select on it
+    m = mx.minimum(raw, -min_value)  # the value added to the scores
     allowed = mx.ones((1, 1, q_len, T), dtype=mx.bool_) if valid is None else valid
     allowed = mx.broadcast_to(allowed, (b, hm, q_len, T))
     if rule == "keep_window":
         if T > keep_window_size:
-            allowed = allowed & top_w(mx.where(allowed, m, -mx.inf), keep_window_size)
+            allowed = allowed & top_w(mx.where(allowed, raw, -mx.inf), keep_window_size)
         return mx.where(allowed, m, min_value)
-    if rule in ("cheems_ratio", "legacy_ratio"):
+    if rule == "cheems_ratio":
         k = ratio_rank(rule, T, keep_window_size, ratio)
         if k is not None:
-            allowed = allowed & (m >= kth_smallest(bias, k)[:, :, None, :])
+            allowed = allowed & (raw >= kth_smallest(bias, k)[:, :, None, :])
         return mx.where(allowed, m, min_value)
+    if rule == "legacy_ratio":  # the reference's sum of two masks (module docstring)
+        k = ratio_rank(rule, T, keep_window_size, ratio)
+        if k is None:
+            return mx.where(allowed, m, min_value)
+        kept = raw >= kth_smallest(bias, k)[:, :, None, :]
+        return mx.where(allowed, mx.where(kept, m, min_value), mx.where(kept, min_value, -mx.inf))
     if rule == "hard":
         causal = mx.where(allowed, 0.0, min_value)
-        return mx.where(m < 1.0, min_value, causal)
+        return mx.where(raw < 1.0, min_value, causal)
     raise ValueError(f"unknown dynamic_mask_rule {rule!r}; expected one of {MASK_RULES}")
 
 
@@ -203,7 +221,7 @@ def kernel_attention(
     block=DECODE_BLOCK, simdgroups=DECODE_SIMDGROUPS, rows=PREFILL_ROWS,
 ):
     """Dynamic mask attention through the Metal kernels; the same result as ``dynamic_mask``
-    + clip + ``scaled_dot_product_attention`` (float32 accumulation).
+    + ``scaled_dot_product_attention`` (float32 accumulation).
 
     q: (B, H, L, P); k, v: (B, Hkv, T, P) (the cache's views, not copied); bias: (B, Hm, T)
     float32; valid: the mlx-lm bool mask or None. Returns (B, L, H, P), or None where the
@@ -245,6 +263,8 @@ def kernel_attention(
     if selection is None:
         return None
     thr, jlim, all_kept = selection
+    if rule == "legacy_ratio" and not all_kept and (L > 1 or valid is not None):
+        return None  # a row may have no kept allowed key: the reference's additive rule, ops path
     bias = bias.astype(mx.float32)
     vmask = mx.ones((1, 1, T), mx.bool_) if valid is None else mx.contiguous(valid[:, 0])  # (Bv, Lv, T)
     params = mx.array([scale, -min_value], mx.float32)
@@ -353,10 +373,6 @@ class DynamicMaskAttention(nn.Module):
         mask = dynamic_mask(
             bias, _normalize_valid(valid), l, self.rule, self.keep_window_size, self.ratio, min_value
         )
-        # m = exp(A * softplus(.)) can exceed the activation dtype's range (trained models
-        # learn large A; float16 overflows at 65504): keep it finite, which keeps its meaning
-        # (such a key takes all the weight) instead of turning the row into NaN
-        mask = mx.clip(mask, min_value, -min_value)
         if self.num_mask_heads != H:  # query head h reads kv head h // (H / Hkv)
             mask = mx.repeat(mask, H // self.num_mask_heads, axis=1)
         if hasattr(kv_cache, "bits"):

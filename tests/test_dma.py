@@ -53,10 +53,16 @@ def dynamic_mask_ref(bias, valid, q_len, rule, W, r):
         if 0.0 < r < 1.0 and int(T * r) > 0:
             allowed = allowed & (m >= kth_smallest_ref(bias, int(T * r)))
         return np.where(allowed, m, MIN)
-    if rule == "legacy_ratio":
+    if rule == "legacy_ratio":  # the remote code, step by step, in float32
+        attn_mask = m.astype(np.float32)
         if T > W:
-            allowed = allowed & (m >= kth_smallest_ref(bias, int((T - W) * r)))
-        return np.where(allowed, m, MIN)
+            assert 0.0 < r <= 1.0
+            k = int((T - W) * r)
+            if k > 0:  # kthvalue, then masked_fill(attn_mask < rate_value, min)
+                rate_value = kth_smallest_ref(bias.astype(np.float32), k)
+                attn_mask = np.where(attn_mask < rate_value, np.float32(MIN), attn_mask)
+        with np.errstate(over="ignore"):  # + the causal mask: min + min = -inf, m + min = min
+            return attn_mask + np.where(allowed, np.float32(0.0), np.float32(MIN))
     if rule == "hard":  # boolean test replaces the causal mask; m itself never added
         return np.where(m < 1.0, MIN, np.where(allowed, 0.0, MIN))
     raise AssertionError(rule)
@@ -160,6 +166,10 @@ def test_legacy_ratio_masks_keys_below_kth_smallest_when_keys_exceed_window():
     np.testing.assert_array_equal(ours, dynamic_mask_ref(bias, valid, T, "legacy_ratio", W, r))
     # k - 1 = 5 keys (distinct m) masked in the last row, which sees every key causally
     assert (ours[:, :, -1] == MIN).sum(-1).tolist() == [[5] * 4] * 2
+    # the two masks are added: a future key the dynamic rule masks too is -inf
+    dyn = bias < np.sort(bias, -1)[..., 5:6]  # (b, Hm, T)
+    assert np.all(ours[:, :, 0, 1:][dyn[:, :, 1:]] == -np.inf)
+    assert np.all(ours[:, :, 0, 1:][~dyn[:, :, 1:]] == MIN)
 
 
 def test_legacy_ratio_masks_nothing_beyond_causal_when_keys_fit_window():
@@ -169,12 +179,32 @@ def test_legacy_ratio_masks_nothing_beyond_causal_when_keys_fit_window():
     np.testing.assert_array_equal(ours, np.where(valid, bias[:, :, None, :], MIN))
 
 
-def test_legacy_ratio_raises_clear_error_when_ratio_selects_no_key():
+def test_legacy_ratio_masks_nothing_while_k_is_zero_and_rejects_a_ratio_outside_0_1():
+    """The reference raises only for a ratio outside (0, 1]; at key lengths where
+    int((T - W) * r) is 0 (T = W + 1, r = 0.5) it masks nothing beyond the causal mask."""
     bias = random_bias(np.random.default_rng(7), 1, 2, 10)
-    with pytest.raises(ValueError, match="dynamic_mask_ratio"):
-        run_mask(bias, causal(10, 10), 10, "legacy_ratio", W=8, r=0.0)
-    with pytest.raises(ValueError, match="dynamic_mask_ratio"):  # int((10 - 8) * 0.4) == 0
-        run_mask(bias, causal(10, 10), 10, "legacy_ratio", W=8, r=0.4)
+    valid = causal(10, 10)
+    for T, r in ((9, 0.5), (10, 0.4)):  # int(1 * 0.5) == int(2 * 0.4) == 0
+        ours = run_mask(bias[..., :T], causal(T, T), T, "legacy_ratio", W=8, r=r)
+        np.testing.assert_array_equal(ours, np.where(causal(T, T), bias[..., :T][:, :, None, :], MIN))
+    for r in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="dynamic_mask_ratio"):
+            run_mask(bias, valid, 10, "legacy_ratio", W=8, r=r)
+
+
+def test_legacy_ratio_row_with_every_causal_key_masked_is_uniform_over_keys_masked_once():
+    """Query 0 sees only key 0; when the rule masks key 0 the reference's row holds min on
+    key 0 and on the future keys the rule kept, -inf on the future keys it masked too:
+    softmax is uniform over the former (not over every key)."""
+    T, W, r = 12, 4, 1.0  # k = 8: the 7 smallest m are masked
+    bias = random_bias(np.random.default_rng(9), 1, 1, T)
+    bias[..., 0] = 1e-3  # key 0 is the smallest: dynamically masked
+    ours = run_mask(bias, causal(T, T), T, "legacy_ratio", W=W, r=r)
+    row = ours[0, 0, 0]
+    kept = bias[0, 0] >= np.sort(bias[0, 0])[7]
+    assert row[0] == MIN and np.all(row[1:][kept[1:]] == MIN) and np.all(row[1:][~kept[1:]] == -np.inf)
+    p = np.array(mx.softmax(mx.array(row), axis=-1, precise=True))
+    np.testing.assert_allclose(p, np.where(np.isfinite(row), 1.0 / np.isfinite(row).sum(), 0.0), rtol=1e-6)
 
 
 def test_hard_rule_masks_keys_with_bias_below_one_instead_of_causal_mask():
@@ -288,6 +318,10 @@ MODULE_CASES = {
     "sliding_window": dict(Hkv=2, sliding_window=4),
     "cheems_ratio": dict(Hkv=2, mask_heads="attention", rule="cheems_ratio", r=0.3),
     "legacy_ratio": dict(Hkv=2, mask_heads="attention", rule="legacy_ratio", W=5, r=0.5),
+    # r = 1: 8 of 13 keys masked -> early rows whose causal keys are all masked; the ratio
+    # crosses k = 0 -> 1 in the decode steps of the cache test
+    "legacy_ratio_whole": dict(Hkv=2, mask_heads="attention", rule="legacy_ratio", W=5, r=1.0),
+    "legacy_ratio_half": dict(Hkv=2, mask_heads="attention", rule="legacy_ratio", W=7, r=0.5),
     "hard_paper_time": dict(Hkv=4, mask_heads="attention", rule="hard"),
 }
 
@@ -338,6 +372,22 @@ def test_prefill_then_decode_matches_full_forward(case):
         outs.append(np.array(layer(mx.array(x[:, t : t + 1]), cache)))
     assert_close(np.concatenate(outs, axis=1), full)
     assert_close(full, dma_ref(w, cfg, x))
+
+
+@pytest.mark.parametrize("case", ["legacy_ratio_half", "legacy_ratio_whole", "cheems_ratio"])
+def test_ratio_rules_decode_each_step_as_a_full_forward_of_that_length(case):
+    """The ratio rules choose over all T keys with k from T, so a full forward is not the
+    prefill + decode of a shorter prompt; each decode step is the last row of the
+    reference at that key length. legacy_ratio_half (W 7, r 0.5) crosses T = W + 1, where
+    k = 0 masks nothing, and generates straight across the keep window."""
+    layer, w, cfg = make_dma(**MODULE_CASES[case])
+    l, l0 = 13, 4
+    x = np.random.default_rng(16).normal(size=(2, l, D)).astype(np.float32)
+    cache = CacheList(KVCache(), KVCache())
+    assert_close(np.array(layer(mx.array(x[:, :l0]), cache)), dma_ref(w, cfg, x[:, :l0]))
+    for t in range(l0, l):
+        step = np.array(layer(mx.array(x[:, t : t + 1]), cache))
+        assert_close(step[:, 0], dma_ref(w, cfg, x[:, : t + 1])[:, -1])
 
 
 @pytest.mark.parametrize("case", ["gqa_4_2_keep_window", "keys_exceed_window"])

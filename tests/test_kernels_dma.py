@@ -195,9 +195,20 @@ PREFILL_CASES = {
     # Cheems ratio, one mask head per query head: early rows whose few causal keys are all
     # below the k-th smallest m keep no key (uniform rows)
     "cheems_ratio_mask_per_head": (2, 4, 2, 4, 21, 21, 8, "cheems_ratio", 2048, 0.5, None, None, False, 8),
-    # legacy ratio rule (T > W)
-    "legacy_ratio": (2, 4, 2, 4, 21, 21, 8, "legacy_ratio", 8, 0.5, None, None, False, 4),
+    # legacy ratio rule while T <= W (every causal key kept)
+    "legacy_ratio_within_window": (2, 4, 2, 4, 21, 21, 8, "legacy_ratio", 24, 0.5, None, None, False, 4),
 }
+
+
+def test_legacy_ratio_prefill_beyond_the_window_takes_the_ops_path():
+    """legacy_ratio with T > W adds the causal and dynamic masks (min + min = -inf), so a row
+    whose causal keys are all dynamically masked is uniform over the keys masked once, not
+    over all keys as the kernels make it: the kernel path declines and the ops path runs."""
+    q, k, v, bias = make_inputs(2, 4, 2, 4, 21, 21, 8, mx.float32, seed=3)
+    with kernels.backend(factory()):
+        out = kernel_attention(q, k, v, bias, padded_valid(21, 21), "legacy_ratio", 8, 0.5, None,
+                               8**-0.5, mask_min(mx.float32))
+    assert out is None
 
 
 @pytest.mark.parametrize("schedule", ["inorder", "random:7"])
@@ -326,7 +337,8 @@ MODULE_CASES = {
     "gqa2_top_w": (dict(Hkv=2, qk_norm=True, W=5), "kv", "float32"),
     "mqa_left_padding": (dict(Hkv=1, W=6), "batch", "float32"),
     "cheems_ratio_mask_per_head": (dict(Hkv=2, mask_heads="attention", rule="cheems_ratio", r=0.3), "kv", "float32"),
-    "legacy_ratio": (dict(Hkv=2, mask_heads="attention", rule="legacy_ratio", W=5, r=0.5), "kv", "float32"),
+    # prefill within the window (beyond it the prefill takes the ops path), decode across it
+    "legacy_ratio": (dict(Hkv=2, mask_heads="attention", rule="legacy_ratio", W=9, r=1.0), "kv", "float32"),
     "sliding_window": (dict(Hkv=2, sliding_window=4), "kv", "float32"),
     "float16_left_padding": (dict(Hkv=2, W=5), "batch", "float16"),
     "bfloat16_left_padding": (dict(Hkv=2, W=5), "batch", "bfloat16"),
