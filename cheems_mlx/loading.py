@@ -114,6 +114,41 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model", "vocab.json")
+
+
+def load_folder_tokenizer(path: Path, tokenizer_config: Optional[Dict[str, Any]] = None, eos_token_ids=None,
+                          native: bool = True):
+    """mlx-lm's ``load_tokenizer`` on a model folder, without transformers reading our config.
+
+    transformers' ``AutoTokenizer`` parses config.json to pick a tokenizer class when it
+    can; our ``model_type: cheems`` is unknown to it, so it falls back to its generic
+    config class, whose RoPE validation fails on yarn / llama3 / longrope parameters
+    (``'PreTrainedConfig' object has no attribute 'max_position_embeddings'``). The
+    tokenizer needs nothing from config.json (the class comes from tokenizer_config.json or
+    tokenizer.json), so an empty config object is passed instead. Source checkpoints
+    (``native=False``: a transformers / legacy Doge folder whose model_type transformers
+    may know) are read as transformers would, and only on failure without the config.
+    """
+    if not any((path / f).exists() for f in TOKENIZER_FILES) and not list(path.glob("*.tiktoken")):
+        raise LoadError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files of the model it was trained or converted from into this folder"
+        )
+    from transformers import PreTrainedConfig
+
+    blank = {"config": PreTrainedConfig()}
+    attempts = [blank] if native else [{}, blank]
+    for i, extra in enumerate(attempts):
+        try:
+            with quiet_transformers():
+                return load_tokenizer(path, {**extra, **(tokenizer_config or {})}, eos_token_ids=eos_token_ids)
+        except Exception as e:  # transformers raises many types for unreadable files
+            if i + 1 < len(attempts):
+                continue
+            raise LoadError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
+
+
 def load(
     path_or_repo: Optional[Union[str, Path]] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
@@ -130,7 +165,8 @@ def load(
     converter does), or a Hub repo id; ``None`` loads the embedded default model.
     """
     path = resolve_model_path(path_or_repo, revision)
-    if is_native(read_config(path)):
+    native = is_native(read_config(path))
+    if native:
         model, config = load_model_only(path, lazy=lazy, model_config=model_config)
     else:  # an official Cheems / transformers Doge / legacy Doge checkpoint: map it in memory
         model, config = import_checkpoint(path, moe_routing=(model_config or {}).get("moe_routing"))
@@ -141,8 +177,7 @@ def load(
             load_adapters(model, adapter_path)
         except LoRAError as e:
             raise LoadError(str(e)) from None
-    with quiet_transformers():
-        tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = load_folder_tokenizer(path, tokenizer_config, config.get("eos_token_id"), native)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

@@ -51,3 +51,59 @@ def test_generate_cli_on_an_unconverted_checkpoint(hf_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+# every RoPE type mlx-lm's initialize_rope supports, as transformers 5 writes them
+ROPE_TYPES = {
+    "linear": dict(factor=2.0),
+    "dynamic": dict(factor=2.0),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=16),
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+    "longrope": dict(short_factor=[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+                     long_factor=[2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5], original_max_position_embeddings=16),
+}
+
+
+@pytest.mark.parametrize("kind", ROPE_TYPES)
+def test_every_rope_type_converts_loads_matches_transformers_and_generates(kind, hf_dir, tmp_path):
+    """A converted checkpoint's config.json is never parsed by transformers (its
+    ``model_type: cheems`` is unknown there and transformers' generic config class fails on
+    yarn / llama3 / longrope parameters): the tokenizer loads from its own files."""
+    import cheems_mlx
+    from cheems_mlx.convert.convert import convert
+
+    _, tok_src = hf_dir
+    hf = tiny_doge(seed=5, vocab_size=300, max_position_embeddings=64,
+                   rope_parameters={"rope_type": kind, "rope_theta": 10000.0, **ROPE_TYPES[kind]})
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_src / f, src / f)
+    convert(src, tmp_path / "mlx")
+    model, tok = cheems_mlx.load(tmp_path / "mlx")
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))  # past 16 positions
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits.numpy()
+    assert max_rel_err(np.array(model(mx.array(ids.numpy()))), ref) <= 1e-4
+    assert tok.encode("and god said")[-1] != tok.unk_token_id
+    proc = subprocess.run([sys.executable, "-m", "cheems_mlx.generate", "--model", str(tmp_path / "mlx"),
+                           "--prompt", "and god said", "--max-tokens", "4", "--temp", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_folder_without_tokenizer_files_is_one_clear_line(hf_dir, tmp_path):
+    import cheems_mlx
+    from cheems_mlx.convert.convert import convert
+    from cheems_mlx.loading import LoadError
+
+    _, path = hf_dir
+    convert(path, tmp_path / "mlx")
+    for f in tmp_path.glob("mlx/tokenizer*"):
+        f.unlink()
+    with pytest.raises(LoadError, match="has no tokenizer"):
+        cheems_mlx.load(tmp_path / "mlx")
+    proc = subprocess.run([sys.executable, "-m", "cheems_mlx.generate", "--model", str(tmp_path / "mlx"),
+                           "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "has no tokenizer" in lines[0], proc.stderr
