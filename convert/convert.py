@@ -463,6 +463,22 @@ def source_dtype(tensors: Dict[str, mx.array]) -> Optional[mx.Dtype]:
     return max(count.items(), key=lambda kv: kv[1])[0]
 
 
+def _check_tensors_finite(tensors: Dict[str, mx.array], describe) -> None:
+    """Refuse NaN / Inf anywhere in the weights (a corrupted or diverged checkpoint), naming
+    the first such tensor (``describe(native_name)``) and how many values are bad."""
+    names = sorted(tensors)
+    bad = [mx.logical_not(mx.isfinite(tensors[k])).sum() for k in names]
+    mx.eval(bad)
+    for k, n in zip(names, bad):
+        if n.item():
+            others = sum(1 for m in bad if m.item()) - 1
+            more = f" (and {others} more tensor{'s' if others > 1 else ''})" if others else ""
+            raise _fail(
+                f"{describe(k)} holds {n.item():,} NaN / Inf value{'s' if n.item() > 1 else ''} of "
+                f"{tensors[k].size:,}{more}: the checkpoint is corrupted or its training diverged"
+            )
+
+
 def build_model(
     config: dict,
     sw: SourceWeights,
@@ -543,6 +559,7 @@ def build_model(
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise _fail(problems[0] + more)
+    _check_tensors_finite(native, src)
 
     model.update(tree_unflatten(list(native.items())))
     return Converted(model=model, config=nconfig, fmt=fmt, source_dtype=source_dtype(native))

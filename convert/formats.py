@@ -15,7 +15,7 @@ Native names are the official Cheems ones; see ``cheems_mlx.model``.
 
 import math
 import re
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 FORMATS = ("native", "cheems", "cheems_paper", "doge", "doge_legacy")
 
@@ -78,8 +78,28 @@ def native_weights(weights: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# the config.json model_type each source format is written with (official Cheems code at
+# HEAD: cheems; at paper time: doge; transformers and remote-code Doge: doge)
+MODEL_TYPES = {"cheems": ("cheems",), "cheems_paper": ("doge", "cheems"), "doge": ("doge",),
+               "doge_legacy": ("doge",)}
+
+
 def detect_format(config: Dict[str, Any], keys: Iterable[str]) -> str:
-    keys = list(keys)
+    """The source format from the weight names, checked against config.json's model_type:
+    a foreign config (another architecture's weights or type) is refused, not guessed."""
+    fmt = _format_from_keys(config, list(keys))
+    mt = config.get("model_type")
+    if fmt != "native" and mt not in MODEL_TYPES[fmt]:
+        supported = sorted({t for ts in MODEL_TYPES.values() for t in ts})
+        raise FormatError(
+            f"config.json has model_type={mt!r}, which is not a supported type ({', '.join(supported)}); "
+            f"the weight names look like {fmt}, but a checkpoint of another architecture is not "
+            f"converted on a guess -- fix model_type if this really is a {fmt} checkpoint"
+        )
+    return fmt
+
+
+def _format_from_keys(config: Dict[str, Any], keys: List[str]) -> str:
     if config.get("model_type") == "cheems" and "source_format" in config:
         return "native"
     has = lambda frag: any(frag in k for k in keys)  # noqa: E731

@@ -415,6 +415,26 @@ def test_unexpected_tensor(dense, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_without_quantizing(dense, tmp_path, capsys, bad):
+    """NaN / Inf in one norm weight: refused by the plain conversion (not only by -q), naming
+    the tensor; nothing written."""
+    name = "model.layers.1.post_attention_layernorm.weight"
+    src = edited_checkpoint(dense, tmp_path, lambda w: w.update({name: w[name].at[3].add(bad)}))
+    dst = tmp_path / "out"
+    assert_fails(["--hf-path", src, "--mlx-path", dst], capsys, dst, repr(name), "NaN / Inf", "1 NaN / Inf value of 32")
+
+
+def test_foreign_model_type_with_doge_looking_tensors_is_refused(dense, tmp_path, capsys):
+    src = copy_checkpoint(dense["path"], tmp_path / "src")
+    edit_config(src, model_type="not-a-model")
+    dst = tmp_path / "out"
+    assert_fails(["--hf-path", src, "--mlx-path", dst], capsys, dst, "'not-a-model'", "cheems, doge",
+                 src / "config.json")
+    edit_config(src, model_type=None)  # no model_type at all
+    assert_fails(["--hf-path", src, "--mlx-path", dst], capsys, dst, "model_type=None", "cheems, doge")
+
+
 def test_unrecognised_weights(tmp_path, capsys):
     src = tmp_path / "t5"
     src.mkdir()
