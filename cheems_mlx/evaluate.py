@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     src.add_argument("--data", type=Path, help="a `cheems_mlx.train prepare` output folder")
     src.add_argument("--text", type=Path, help="a text file (documents separated by blank lines)")
     p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="compute dtype (default: the stored one)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=0, help="0 = all")
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     try:
         if a.seq_len < 2 or a.batch_size < 1:
             raise ValueError("--seq-len must be >= 2 and --batch-size >= 1")
-        model, tokenizer = load(a.model)
+        model, tokenizer = load(a.model, dtype=a.dtype)
         if a.data is not None:
             f = a.data / f"{a.split}.npy"
             if not f.exists():

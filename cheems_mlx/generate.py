@@ -14,7 +14,7 @@ import time
 
 import mlx.core as mx
 
-from . import distributed
+from . import distributed, numerics
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized-kv-start", type=int, default=5000)
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--extra-eos-token", type=str, nargs="+", default=())
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="compute dtype (default: the stored one; a float16 model that overflows float16 "
+                        "is computed in a wider dtype, with a note)")
     p.add_argument("--verbose", action="store_true", help="print prompt / generation speed and peak memory")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="under mlx.launch: stop with an error when the other ranks make no progress for this "
@@ -122,10 +125,16 @@ def run(a) -> int:
         # sampling must agree on every rank: rank 0's seed for all
         mx.random.seed(distributed.share_object(a.seed if a.seed is not None else int(time.time_ns() % 2**31), group))
     else:
-        model, tokenizer, config = load(model_ref, adapter_path=a.adapter_path, return_config=True)
+        model, tokenizer, config = load(model_ref, adapter_path=a.adapter_path, return_config=True, dtype=a.dtype)
     for tok in a.extra_eos_token:
         tokenizer.add_eos_token(tok)
     prompt = encode_prompt(tokenizer, a, prompt_text)
+    vocab = int(config.get("vocab_size", 0) or 0)
+    if vocab and prompt and max(prompt) >= vocab:
+        raise UsageError(
+            f"the tokenizer gave token id {max(prompt)}, but the model's vocabulary has {vocab} entries: "
+            "the tokenizer files in the model folder do not belong to this model"
+        )
 
     context = int(config.get("max_position_embeddings", 0) or 0)
     extends = bool(config.get("rope_scaling"))
@@ -154,6 +163,7 @@ def run(a) -> int:
             print("[note] the attention K/V caches are quantized from the first token "
                   "(--quantized-kv-start does not apply to hybrid caches)", file=sys.stderr)
 
+    dtype = numerics.model_dtype(model)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
     response = None
     watchdog = distributed.watchdog()
@@ -169,6 +179,8 @@ def run(a) -> int:
         prompt_progress_callback=watchdog.beat,
     ):
         watchdog.beat()
+        # never print a token drawn from NaN / Inf logits (an overflowing half-precision model)
+        numerics.check_finite_logprobs(response.logprobs, dtype, response.generation_tokens)
         if main_rank:
             print(response.text, end="", flush=True)
     watchdog.disarm()
@@ -191,7 +203,7 @@ def main(argv=None) -> int:
 
     a = build_parser().parse_args(argv)
     try:
-        return distributed.run_cli(lambda: run(a), (UsageError, LoadError))
+        return distributed.run_cli(lambda: run(a), (UsageError, LoadError, numerics.NonFiniteLogits))
     except KeyboardInterrupt:
         return 130
 

@@ -157,13 +157,22 @@ def load(
     lazy: bool = False,
     revision: Optional[str] = None,
     return_config: bool = False,
+    dtype: Optional[str] = None,
 ) -> Tuple:
     """Load a model and its tokenizer (mlx-lm's ``TokenizerWrapper``).
 
     ``path_or_repo``: a converted folder, an unconverted PyTorch checkpoint folder
     (official Cheems, transformers Doge, legacy Doge -- mapped in memory exactly as the
     converter does), or a Hub repo id; ``None`` loads the embedded default model.
+    ``dtype`` (float16 / bfloat16 / float32): compute in that dtype. Without it a float16
+    model whose activations overflow float16 (checked once on a probe text, adapters
+    included; ``cheems_mlx.numerics``) is computed in a wider dtype, with a note.
     """
+    from . import numerics
+    from .io import cast_model
+
+    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
+        raise LoadError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
     path = resolve_model_path(path_or_repo, revision)
     native = is_native(read_config(path))
     if native:
@@ -178,6 +187,13 @@ def load(
         except LoRAError as e:
             raise LoadError(str(e)) from None
     tokenizer = load_folder_tokenizer(path, tokenizer_config, config.get("eos_token_id"), native)
+    n_tokens = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None
+    if n_tokens and n_tokens < model.args.vocab_size:
+        model.vocab_limit = n_tokens  # padded vocabulary rows have no text: never predict them
+    if dtype is not None:
+        cast_model(model, dtype)
+    elif not lazy:
+        numerics.ensure_safe_dtype(model, tokenizer)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

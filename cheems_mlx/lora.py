@@ -38,6 +38,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import numerics
 from .plots import loss_curve
 
 # target name -> module paths relative to a decoder layer
@@ -360,6 +361,8 @@ def train(args, model, train_set, valid_set, log=print):
             grad = average_gradients(tree_map(lambda g: g * weight.astype(g.dtype), grad), group=world)
             loss = mx.distributed.all_sum(loss * toks.astype(loss.dtype), group=world) / total.astype(loss.dtype)
             toks = total
+        if args.grad_clip:
+            grad, _ = optim.clip_grad_norm(grad, args.grad_clip)
         optimizer.update(model, grad)
         return loss, toks
 
@@ -415,6 +418,14 @@ def train(args, model, train_set, valid_set, log=print):
         mx.eval(state, loss, toks)
         watchdog.beat()
         elapsed += time.perf_counter() - tic
+        if not math.isfinite(loss.item()):  # never save (or go on training) NaN adapters
+            last = _latest_checkpoint(adapter_path)
+            kept = f"the last finite checkpoint is {last}" if last else "no checkpoint was saved"
+            raise LoRAError(
+                f"training diverged at iteration {it} (loss {loss.item()}); {kept}. Lower --learning-rate "
+                f"(this run: {args.learning_rate:g}; 1e-4 to 5e-4 is stable on small models), the LoRA scale "
+                f"(--lora-scale, now {args.lora_parameters.get('scale')}) or the number of targets"
+            )
         losses += loss.item()
         ntoks += toks.item()
         steps += 1
@@ -450,6 +461,8 @@ def parse_args(argv=None):
                              f"({', '.join(sorted(GROUPS))}; default {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--lora-scale", type=float, default=None)
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip the global gradient norm to this value (default 1.0; 0 turns it off)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --adapter-path from its latest checkpoint")
     parser.add_argument("--dist-timeout", type=float, default=None,
@@ -462,6 +475,8 @@ def parse_args(argv=None):
         for k, v in cfg.items():
             if a.get(k) is None or (k in ("train", "test", "mask_prompt", "grad_checkpoint") and a.get(k) is False):
                 a[k] = v
+    if a.get("grad_clip") is None:
+        a["grad_clip"] = 1.0
     if a.get("num_layers") is None:
         a["num_layers"] = -1  # all layers (mlx-lm's 16 is meant for larger models)
     for k, v in CONFIG_DEFAULTS.items():
@@ -507,6 +522,34 @@ def _half_precision(model) -> bool:
     return any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(model.parameters()))
 
 
+def check_in_deploy_dtype(args, dtype, valid_set, log=print) -> bool:
+    """The base model in the dtype it is stored (and generated) in, with the saved adapters,
+    on the validation texts: True when its activations fit that dtype. Training ran in
+    float32 (on the CPU) and cannot tell; float16 overflows at 65,504, and adapters that push
+    the residual stream past it make ``generate --adapter-path`` print NaN tokens. When they
+    do not fit, say so and what to do (generation then computes in a wider dtype)."""
+    from .loading import load
+
+    if dtype != mx.float16:
+        return True  # bfloat16 / float32 have float32's range
+    name = numerics.dtype_name(dtype)
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=name)
+    V = model.args.vocab_size
+    sequences = [[t for t in valid_set.process(valid_set[i])[0] if t < V][: args.max_seq_length]
+                 for i in range(min(8, len(valid_set)))]
+    bad, peak = numerics.overflows(model, [s for s in sequences if s] or numerics.probe_ids(tokenizer, vocab_size=V))
+    if bad:
+        what = "non-finite values" if peak == float("inf") else f"activations of {peak:.3g}"
+        log(f"[warning] with these adapters the model overflows {name}, the base model's dtype ({what} on "
+            f"the validation texts; {name} holds at most 65504). generate / server / cheems_mlx.load compute "
+            f"it in {numerics.dtype_name(numerics.wider_dtype())} instead (slower, more memory). To keep {name}: "
+            f"train again with a lower --learning-rate (this run: {args.learning_rate:g}) or --lora-scale, or "
+            f"fuse into a bfloat16 model (python -m cheems_mlx.fuse --dtype bfloat16)")
+        return False
+    log(f"[check] adapters verified in {name}, the base model's dtype: peak activation {peak:.3g} of 65504")
+    return True
+
+
 def run(args, log=print):
     from .loading import load
 
@@ -516,6 +559,7 @@ def run(args, log=print):
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
     model, tokenizer = load(args.model)
+    deploy_dtype = numerics.model_dtype(model)  # what generate / fuse will compute in
     if mx.default_device() == mx.cpu and _half_precision(model):
         # MLX's CPU backend has no fast float16/bfloat16 matmul; train in float32 there
         from .io import cast_model
@@ -528,6 +572,8 @@ def run(args, log=print):
     if args.train:
         prepare_model_for_training(model, args)
         train(args, model, train_set, valid_set, log=log)
+        if mx.distributed.init().rank() == 0:
+            check_in_deploy_dtype(args, deploy_dtype, valid_set, log)
     elif args.adapter_path and Path(args.adapter_path).exists():
         load_adapters(model, args.adapter_path)
     if args.test:

@@ -207,11 +207,19 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
+    # set by cheems_mlx.load when the tokenizer has fewer tokens than the embedding has rows
+    # (a padded vocabulary): ids past it have no text, so they are never predicted
+    vocab_limit: Optional[int] = None
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         h = self.model(inputs, cache, input_embeddings)
         if self.args.tie_word_embeddings:
-            return self.model.word_embed.as_linear(h)
-        return self.lm_head(h)
+            logits = self.model.word_embed.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits = mx.where(mx.arange(logits.shape[-1]) < self.vocab_limit, logits, -mx.inf)
+        return logits
 
     @property
     def layers(self):
