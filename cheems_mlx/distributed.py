@@ -246,24 +246,6 @@ def comm_error_message(e: BaseException, group=None) -> str:
     return f"{who}: {msg}"
 
 
-
-def run_cli(body, expected: tuple) -> int:
-    """Run a CLI's ``body()``: its ``expected`` errors and a DistributedError become one
-    ``error:`` line and exit 1, and so does a collective that failed because another rank
-    stopped (only when launched; otherwise a RuntimeError is a bug and propagates)."""
-    try:
-        code = body()
-        return 0 if code is None else code
-    except expected + (DistributedError,) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if not launched():
-            raise
-        print(f"error: {comm_error_message(e)}", file=sys.stderr)
-        return 1
-
-
 # --------------------------------------------------------------------------- sharing data
 
 

@@ -34,6 +34,7 @@ def fuse(model_ref, adapter_path, save_path, dequantize=False, force=False):
 
 
 def main(argv=None) -> int:
+    from .cli import run_cli
     from .loading import LoadError
 
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.fuse", description=__doc__.split("\n\n")[0])
@@ -43,13 +44,12 @@ def main(argv=None) -> int:
     p.add_argument("--dequantize", action="store_true")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
-    try:
+
+    def body():
         out = fuse(a.model, a.adapter_path, a.save_path, a.dequantize, a.force)
-    except (LoadError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"saved: {out}")
-    return 0
+        print(f"saved: {out}")
+
+    return run_cli(body, (LoadError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 import mlx.core as mx
 
 from . import distributed
+from .cli import add_dist_timeout, run_cli
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -42,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--extra-eos-token", type=str, nargs="+", default=())
     p.add_argument("--verbose", action="store_true", help="print prompt / generation speed and peak memory")
-    p.add_argument("--dist-timeout", type=float, default=None,
-                   help="under mlx.launch: stop with an error when the other ranks make no progress for this "
-                        "many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
+    add_dist_timeout(p)
     return p
 
 
@@ -191,7 +190,7 @@ def main(argv=None) -> int:
 
     a = build_parser().parse_args(argv)
     try:
-        return distributed.run_cli(lambda: run(a), (UsageError, LoadError))
+        return run_cli(lambda: run(a), (UsageError, LoadError))
     except KeyboardInterrupt:
         return 130
 

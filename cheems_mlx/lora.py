@@ -443,6 +443,8 @@ def parse_args(argv=None):
     import yaml
     from mlx_lm.lora import CONFIG_DEFAULTS, build_parser, yaml_loader
 
+    from .cli import add_dist_timeout
+
     parser = build_parser()
     parser.prog = "python -m cheems_mlx.lora"
     parser.add_argument("--lora-targets", type=str, default=None,
@@ -452,9 +454,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora-scale", type=float, default=None)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --adapter-path from its latest checkpoint")
-    parser.add_argument("--dist-timeout", type=float, default=None,
-                        help="under mlx.launch: stop with an error when the other ranks make no progress "
-                             "for this many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
+    add_dist_timeout(parser)
     a = vars(parser.parse_args(argv))
     if a.get("config"):
         with open(a["config"]) as f:
@@ -548,6 +548,7 @@ def run(args, log=print):
 
 def main(argv=None) -> int:
     from . import distributed
+    from .cli import run_cli
     from .loading import LoadError
 
     def body():
@@ -556,7 +557,7 @@ def main(argv=None) -> int:
         run(args)
         distributed.finish(group)
 
-    return distributed.run_cli(body, (LoRAError, LoadError))
+    return run_cli(body, (LoRAError, LoadError))
 
 
 if __name__ == "__main__":

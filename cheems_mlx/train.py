@@ -36,6 +36,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import distributed
+from .cli import add_dist_timeout, run_cli
 from .model import Model, ModelArgs
 from .plots import loss_curve
 
@@ -441,9 +442,7 @@ def main(argv=None):
     pf.add_argument("--save-every", type=int, default=200)
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--resume", action="store_true")
-    pf.add_argument("--dist-timeout", type=float, default=None,
-                    help="under mlx.launch: stop with an error when the other ranks make no progress for "
-                         "this many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
+    add_dist_timeout(pf)
     pe = sub.add_parser("export", help="write a model folder from a run's latest checkpoint")
     pe.add_argument("--run", type=Path, required=True)
     pe.add_argument("--data", type=Path, help="prepared data folder (tokenizer); default: the run's")
@@ -470,7 +469,7 @@ def main(argv=None):
             path = export(a.run, a.data, a.out, a.dtype, a.force)
             print(f"wrote {path}")
 
-    return distributed.run_cli(body, (TrainError, ValueError, OSError))
+    return run_cli(body, (TrainError, ValueError, OSError))
 
 
 if __name__ == "__main__":
