@@ -171,7 +171,7 @@ def load(
     else:  # an official Cheems / transformers Doge / legacy Doge checkpoint: map it in memory
         model, config = import_checkpoint(path, moe_routing=(model_config or {}).get("moe_routing"))
     if adapter_path is not None:
-        from .lora import LoRAError, load_adapters
+        from .adapters import LoRAError, load_adapters
 
         try:
             load_adapters(model, adapter_path)
