@@ -30,13 +30,13 @@ import time
 import types
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Set
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .adapters import LoRAError, apply_lora, load_adapters
 from .plots import loss_curve
@@ -156,7 +156,7 @@ def read_jsonl(path: Path) -> List[dict]:
 def load_datasets(args, tokenizer, log=print):
     from mlx_lm.tuner.datasets import create_dataset
 
-    from .train import PLAIN_CHAT_TEMPLATE
+    from .training import PLAIN_CHAT_TEMPLATE
 
     data = Path(args.data)
     if not data.is_dir():
@@ -189,32 +189,6 @@ def load_datasets(args, tokenizer, log=print):
 # --------------------------------------------------------------------------- training
 
 
-def _save_checkpoint(adapter_path: Path, model, optimizer, it: int):
-    ckpt = adapter_path / "checkpoints" / f"{it:07d}"
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    adapters = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
-    opt_state = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    (tmp / "state.json").write_text(json.dumps({"iteration": it}))
-    if ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt)
-    tmp.rename(ckpt)
-    mx.save_safetensors(str(adapter_path / "adapters.safetensors"), adapters)
-    (adapter_path / "checkpoints" / "latest").write_text(ckpt.name)
-
-
-def _latest_checkpoint(adapter_path: Path) -> Optional[Path]:
-    marker = adapter_path / "checkpoints" / "latest"
-    if not marker.exists():
-        return None
-    ckpt = adapter_path / "checkpoints" / marker.read_text().strip()
-    return ckpt if ckpt.exists() else None
-
-
 def make_optimizer(args):
     from mlx_lm.tuner.utils import build_schedule
 
@@ -239,6 +213,7 @@ def train(args, model, train_set, valid_set, log=print):
     from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterate_batches
 
     from . import distributed
+    from .training import resume_checkpoint, save_checkpoint
 
     world = mx.distributed.init()  # the group cheems_mlx.distributed.init joined, or this process alone
     N, main_rank = world.size(), world.rank() == 0
@@ -252,21 +227,12 @@ def train(args, model, train_set, valid_set, log=print):
     start = 0
     metrics_file = adapter_path / "metrics.jsonl"
     if args.resume:  # rank 0 reads the checkpoint; the other ranks receive it
-        ckpt = _latest_checkpoint(adapter_path) if main_rank else None
-        if not distributed.share_object(ckpt is not None, world):
+        resumed = resume_checkpoint(adapter_path, model, optimizer, "adapters.safetensors", "iteration", world,
+                                    strict=False)
+        if resumed is None:
             raise LoRAError(f"--resume: no checkpoint in {adapter_path / 'checkpoints'}")
-        optimizer.init(model.trainable_parameters())
-        if main_rank:
-            model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
-            optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-            start = json.loads((ckpt / "state.json").read_text())["iteration"]
-            kept = [l for l in metrics_file.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= start]
-            metrics_file.write_text("".join(l + "\n" for l in kept))
-            log(f"Resuming from {ckpt} (iteration {start})")
-        if N > 1:
-            start = distributed.share_object(start, world)
-            state_items = tree_flatten(optimizer.state) if main_rank else None
-            optimizer.state = tree_unflatten(distributed.broadcast_arrays(state_items, world))
+        ckpt, start = resumed
+        log(f"Resuming from {ckpt} (iteration {start})")
     else:
         if args.resume_adapter_file is not None and main_rank:
             log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
@@ -359,7 +325,9 @@ def train(args, model, train_set, valid_set, log=print):
                 f"Tokens/sec {row['tokens_per_second']:.1f}, Peak mem {row['peak_memory_gb']:.3f} GB")
             losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
         if (it % args.save_every == 0 or it == args.iters) and main_rank:
-            _save_checkpoint(adapter_path, model, optimizer, it)
+            adapters = dict(tree_flatten(model.trainable_parameters()))
+            save_checkpoint(adapter_path, f"{it:07d}", adapters, "adapters.safetensors", optimizer, {"iteration": it})
+            mx.save_safetensors(str(adapter_path / "adapters.safetensors"), adapters)  # the adapter folder's copy
             loss_curve(metrics_file, adapter_path / "loss.png", f"{args.fine_tune_type} on {args.data}", "iteration")
     watchdog.disarm()
     if metrics is not None:
