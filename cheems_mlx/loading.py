@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from mlx_lm.utils import load_model, load_tokenizer
 
+from .convert.formats import is_native
 from .model import Model, ModelArgs
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -63,17 +64,12 @@ def read_config(path: Path) -> Dict[str, Any]:
         raise LoadError(f"{cfg_file} is not valid JSON: {e}") from None
 
 
-def is_native(config: Dict[str, Any]) -> bool:
-    """A folder written by this project (converter, trainer, fuse)."""
-    return config.get("model_type") == "cheems" and "source_format" in config
-
-
 def import_checkpoint(path: Path, moe_routing: Optional[str] = None):
     """A PyTorch checkpoint folder (any format the converter reads) mapped in memory:
     (model, native config). Same checks as ``python -m cheems_mlx.convert``."""
     try:
-        from .convert.convert import build_model, load_weights
-        from .convert.convert import read_config as read_source_config
+        from .convert.checkpoint import build_model, load_weights
+        from .convert.checkpoint import read_config as read_source_config
         from .convert.formats import FormatError
     except ImportError as e:  # pragma: no cover - an install without the convert package
         raise LoadError(f"{path} is not a converted model and the converter is unavailable ({e})") from None
