@@ -27,6 +27,11 @@ reference): ``product_key_route_kernel`` (metal_kernels/cdmoe_route.metal: both 
 top-k, the candidate grid, the final top-k and the softmax in one launch) and
 ``expert_mix_kernel`` (cdmoe_mix.metal, or cdmoe_mix_q.metal straight from affine-quantized
 ``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch).
+
+Tensor parallel: ``MLP.shard(group)`` splits the width as mlx-lm's MLPs do;
+``CDMoE.shard(group)`` splits the shared MLP the same way and the expert tables by rows
+(``ShardedCDMoE``: routing replicated, one all_sum); ``shard_problems(N)`` says what
+prevents it.
 """
 
 import math

@@ -1,4 +1,7 @@
-"""Running over several machines with ``mx.distributed`` (launched by ``mlx.launch``).
+"""Running over several machines with ``mx.distributed`` (launched by ``mlx.launch``): the
+runtime (``init``, ``barrier``, ``finish``, the ``Watchdog``, ``share_object`` /
+``broadcast_arrays`` / ``broadcast_parameters``) and shard-by-shard loading
+(``sharded_load``, the per-rank memory ``plan`` and its CLI ``python -m cheems_mlx.distributed``).
 
 Two kinds of parallelism, both on MLX's own distributed layer:
 
@@ -9,11 +12,12 @@ shard, and ``plan`` / ``python -m cheems_mlx.distributed`` print each rank's sha
 
 **Data parallel (LoRA, pretraining)** -- every rank holds the whole model, takes 1/N of
 each batch, and the gradients are averaged (``mlx.nn.average_gradients``); only rank 0
-writes files. See ``cheems_mlx/lora.py`` and ``cheems_mlx/train.py``.
+writes files. See ``cheems_mlx/lora.py`` and ``cheems_mlx/train.py`` (their shared
+checkpoint resume: ``cheems_mlx/training.py``).
 
 **Failure handling** -- a rank that exits closes its sockets and the ring backend makes
-the others' next collective raise ("connection to a peer was lost"); the CLIs turn that
-into a one-line error and exit 1. A rank that never connects, hangs or becomes
+the others' next collective raise ("connection to a peer was lost"); the CLIs
+(``cheems_mlx.cli.run_cli``) turn that into a one-line error and exit 1. A rank that never connects, hangs or becomes
 unreachable would block the others forever (the ring backend waits in connect/recv, and
 ``mx.distributed.init`` holds the GIL while it waits, so no Python thread can help):
 a small watchdog *process* per rank (``Watchdog``) is told of every step and terminates

@@ -35,6 +35,9 @@ then metal_kernels/dma_decode*.metal (one query: flash-decoding split over the k
 dma_prefill.metal (tiles of keys, skipped where the mask keeps none) attend without
 building the (batch, H, L, T) mask. A row with no kept key is uniform over all keys, as
 the ops path's finite ``mask_min`` makes it.
+
+Tensor parallel: ``DynamicMaskAttention.shard(group)`` splits the heads (and ``dt_proj``
+over its input, then by mask heads); ``shard_problems(N)`` says what prevents it.
 """
 
 from typing import List, Optional

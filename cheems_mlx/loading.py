@@ -1,8 +1,11 @@
 """``cheems_mlx.load``: a converted model folder (or Hub repo id) -> (model, tokenizer).
 
 Loading goes through mlx-lm's own ``load_model`` / ``load_tokenizer`` (quantized
-weights, lazy loading, adapters and tokenizer wrapping come from there); only the
-model classes are ours, passed in directly so no ``--trust-remote-code`` is needed.
+weights, lazy loading and tokenizer wrapping come from there); only the model classes
+are ours, passed in directly so no ``--trust-remote-code`` is needed. An unconverted
+PyTorch checkpoint folder is read in memory by ``convert/checkpoint.py``; adapters are
+applied by ``cheems_mlx.adapters``. Sharded (multi-rank) loading is
+``cheems_mlx.distributed.sharded_load``.
 """
 
 import contextlib

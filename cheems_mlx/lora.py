@@ -11,12 +11,14 @@ LoRA / DoRA layers and the optimizers / schedules. What is ours, and why:
   groups of them; mlx-lm's default would put LoRA on every Embedding, i.e. the expert
   tables.
 - **DoRA on quantized expert tables**: mlx-lm's ``DoRAEmbedding`` cannot wrap a
-  ``QuantizedEmbedding``; those tables get a LoRA adapter instead (with a note).
+  ``QuantizedEmbedding``; those tables get a LoRA adapter instead (with a note). Putting
+  adapters on and loading them back is ``cheems_mlx.adapters``.
 - **the training loop**: mlx-lm's ``train`` saves adapter weights only; here a
   checkpoint also holds the optimizer state and the step (dropout noise is seeded
   per step), and
   ``--resume`` continues with exactly the losses of an uninterrupted run (the data
-  order is replayed from ``--seed``). It also writes ``metrics.jsonl`` and
+  order is replayed from ``--seed``); the checkpoints are ``cheems_mlx.training``'s, shared
+  with pretraining. It also writes ``metrics.jsonl`` and
   ``loss.png`` and reports peak memory.
 - **input checks**: a malformed JSONL line names its file and line; an empty split,
   unknown target names, or an adapter that does not fit the base model are one-line

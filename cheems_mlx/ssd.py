@@ -22,6 +22,9 @@ module when ``kernels.enabled`` -- the ops functions above stay the reference.
 Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
 offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
 row's true token count when mlx-lm right-pads a batched prompt.
+
+Tensor parallel: ``StateSpaceDuality.shard(group)`` splits the heads (each rank keeps H/N
+heads and their state); ``shard_problems(N)`` says what prevents it.
 """
 
 import math

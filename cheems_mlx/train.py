@@ -16,6 +16,9 @@ seeded by (seed, step)), ``metrics.jsonl`` and a loss-curve PNG.
 
 ``export``: a model folder (config.json, model.safetensors, tokenizer files) that
 ``cheems_mlx.load`` and ``python -m cheems_mlx.generate`` read.
+
+The schedule, the evaluation, the checkpoints and the plain chat template are
+``cheems_mlx.training``'s (shared with fine-tuning).
 """
 
 import argparse
