@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 
 class LoRAError(ValueError):
-    pass
+    """An adapter (or a fine-tuning setup) that cannot work; the message says why (one line)."""
 
 
 def apply_lora(model, num_layers: int, params: Dict, fine_tune_type: str) -> None:
