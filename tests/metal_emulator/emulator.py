@@ -311,10 +311,11 @@ def cache_dir():
     return d
 
 
-# The cache keeps the MAX_BUILDS most recently used kernel builds (a whole test run needs about
-# 40) and the MAX_SHIMS most recently used precompiled shims (one per shim version and
+# The cache keeps the MAX_BUILDS most recently used kernel builds (about 1 MB each; a whole test
+# run uses about 210, so two checkouts with different kernels still share it without
+# rebuilding) and the MAX_SHIMS most recently used precompiled shims (one per shim version and
 # sanitizer); every new build prunes the least recently used beyond those counts.
-MAX_BUILDS = int(os.environ.get("CHEEMS_MLX_EMULATOR_CACHE_BUILDS", "200"))
+MAX_BUILDS = int(os.environ.get("CHEEMS_MLX_EMULATOR_CACHE_BUILDS", "500"))
 MAX_SHIMS = 6
 
 
