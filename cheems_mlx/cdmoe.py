@@ -27,14 +27,22 @@ reference): ``product_key_route_kernel`` (metal_kernels/cdmoe_route.metal: both 
 top-k, the candidate grid, the final top-k and the softmax in one launch) and
 ``expert_mix_kernel`` (cdmoe_mix.metal, or cdmoe_mix_q.metal straight from affine-quantized
 ``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch).
+
+Tensor parallel: ``MLP.shard(group)`` splits the width as mlx-lm's MLPs do;
+``CDMoE.shard(group)`` splits the shared MLP the same way and the expert tables by rows
+(``ShardedCDMoE``: routing replicated, one all_sum); ``shard_problems(N)`` says what
+prevents it.
 """
 
 import math
+from typing import List
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear, sum_gradients
 
 from . import kernels
+from .sharding import ranges, slice_rows, split_inputs_problems
 
 ROUTERS = ("queries", "router_gate")
 ROUTINGS = ("per_token", "transformers_reshape")
@@ -50,6 +58,20 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def shard_problems(self, N: int) -> List[str]:
+        """What prevents splitting this layer over N ranks (empty when it can be split)."""
+        problems = []
+        if self.gate_proj.weight.shape[0] % N:
+            problems.append(f"intermediate_size {self.gate_proj.weight.shape[0]} is not divisible by {N}")
+        return problems + split_inputs_problems("feed_forward.down_proj", self.down_proj, N)
+
+    def shard(self, group: mx.distributed.Group):
+        """Tensor-parallel split of the width, as mlx-lm's MLPs: gate/up all-to-sharded, down
+        sharded-to-all (one all_sum)."""
+        self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
+        self.up_proj = shard_linear(self.up_proj, "all-to-sharded", group=group)
+        self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
 
 
 def topk_with_indices(scores: mx.array, k: int):
@@ -227,3 +249,50 @@ class CDMoE(MLP):
     def __call__(self, x: mx.array) -> mx.array:
         weights, indices = self.route(x)
         return super().__call__(x) + self.experts(x, weights, indices)
+
+    def shard_problems(self, N: int) -> List[str]:
+        problems = super().shard_problems(N)
+        if self.num_experts < N:
+            problems.append(f"num_experts {self.num_experts} is smaller than {N}")
+        return problems
+
+    def shard(self, group: mx.distributed.Group):
+        """Tensor-parallel split (cheems_mlx.sharding): the shared MLP split as the MLP but in
+        place (no all_sum of its own), the expert tables down_embed / up_embed by rows
+        (contiguous expert ranges); the router is replicated. Becomes a ``ShardedCDMoE``,
+        whose ONE all_sum adds the shared-MLP and the expert partials."""
+        N, r = group.size(), group.rank()
+        # one all_sum for the shared MLP and the experts: split the MLP in place
+        shard_inplace(self.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(self.up_proj, "all-to-sharded", group=group)
+        shard_inplace(self.down_proj, "sharded-to-all", group=group)
+        if "bias" in self.down_proj and r != 0:  # added once, by rank 0's partial
+            self.down_proj.bias = mx.zeros_like(self.down_proj.bias)
+        start, stop = ranges(self.num_experts, N, r)
+        slice_rows(self.down_embed, start, stop)
+        slice_rows(self.up_embed, start, stop)
+        for table in (self.down_embed, self.up_embed):
+            if hasattr(table, "num_embeddings"):
+                table.num_embeddings = stop - start
+        self.__class__ = ShardedCDMoE
+        self.group, self.expert_start, self.expert_rows = group, start, stop - start
+
+
+class ShardedCDMoE(CDMoE):
+    """CDMoE with the expert tables split by rows over the group. Routing is replicated
+    (every rank finds the same global top-k); ``route`` maps the chosen experts to this
+    rank's rows and zeroes the weight of the experts other ranks own, so ``CDMoE.__call__``
+    (ops or kernel path) yields this rank's partial sum; one all_sum adds the ranks'
+    partials of the shared MLP (split as in mlx-lm, without its own all_sum) and of the
+    experts."""
+
+    def route(self, x):
+        weights, indices = super().route(x)  # (b, l, He, k), global expert ids
+        local = indices.astype(mx.int32) - self.expert_start
+        owned = (local >= 0) & (local < self.expert_rows)
+        local = mx.clip(local, 0, self.expert_rows - 1).astype(indices.dtype)
+        return mx.where(owned, weights, 0.0), mx.stop_gradient(local)
+
+    def __call__(self, x):
+        x = sum_gradients(self.group)(x)
+        return mx.distributed.all_sum(super().__call__(x), group=self.group)

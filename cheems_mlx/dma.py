@@ -35,16 +35,29 @@ then metal_kernels/dma_decode*.metal (one query: flash-decoding split over the k
 dma_prefill.metal (tiles of keys, skipped where the mask keeps none) attend without
 building the (batch, H, L, T) mask. A row with no kept key is uniform over all keys, as
 the ops path's finite ``mask_min`` makes it.
+
+Tensor parallel: ``DynamicMaskAttention.shard(group)`` splits the heads (and ``dt_proj``
+over its input, then by mask heads); ``shard_problems(N)`` says what prevents it.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import create_causal_mask
 
 from . import kernels
 from .rope import RotaryEmbedding
+from .sharding import (
+    GatheredInputsLinear,
+    GatheredInputsQuantizedLinear,
+    QuantizedShardedToLocalLinear,
+    ShardedToLocalLinear,
+    is_quantized,
+    split_inputs_problems,
+    splits_inputs,
+)
 
 MASK_RULES = ("keep_window", "legacy_ratio", "cheems_ratio", "hard")
 
@@ -380,3 +393,38 @@ class DynamicMaskAttention(nn.Module):
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask.astype(q.dtype))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, l, H * P))
+
+    def shard_problems(self, N: int) -> List[str]:
+        """What prevents splitting this layer over N ranks (empty when it can be split)."""
+        problems = []
+        if self.num_heads % N:
+            problems.append(f"num_attention_heads {self.num_heads} is not divisible by {N}")
+        if self.num_kv_heads % N:
+            problems.append(f"num_key_value_heads {self.num_kv_heads} is not divisible by {N}")
+        return problems + split_inputs_problems("attn.o_proj", self.o_proj, N)
+
+    def shard(self, group: mx.distributed.Group):
+        """Tensor-parallel split by heads (cheems_mlx.sharding): q_proj by heads, k/v_proj by
+        kv heads -> H/N, Hkv/N heads and K/V cache; dt_proj sharded-to-all over its input
+        (the values of ALL kv heads: each rank multiplies its own kv heads' values by its
+        columns of Wdt and the all_sum adds the partial products), then each rank keeps its
+        own mask heads, A by mask heads; o_proj sharded-to-all (one all_sum)."""
+        N, r = group.size(), group.rank()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(self, name, shard_linear(getattr(self, name), "all-to-sharded", group=group))
+        self.o_proj = shard_linear(self.o_proj, "sharded-to-all", group=group)
+        quantized = is_quantized(self.dt_proj)
+        if splits_inputs(self.dt_proj, N):  # partial products of the local values, summed
+            dt = shard_linear(self.dt_proj, "sharded-to-all", group=group)
+            dt.__class__ = QuantizedShardedToLocalLinear if quantized else ShardedToLocalLinear
+        else:  # quantization groups straddle ranks: gather the values (Hkv*P per token)
+            dt = self.dt_proj
+            dt.__class__ = GatheredInputsQuantizedLinear if quantized else GatheredInputsLinear
+            dt.group = group
+        self.num_heads //= N
+        self.num_kv_heads //= N
+        self.num_mask_heads //= N
+        dt.out_start = r * self.num_mask_heads
+        dt.out_stop = dt.out_start + self.num_mask_heads
+        self.dt_proj = dt
+        self.A = mx.contiguous(self.A[dt.out_start : dt.out_stop])

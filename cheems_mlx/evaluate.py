@@ -50,6 +50,7 @@ def text_tokens(tokenizer, path: Path) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from .cli import run_cli
     from .loading import LoadError, load
 
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.evaluate", description="held-out perplexity")
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=0, help="0 = all")
     p.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    try:
+
+    def body():
         if a.seq_len < 2 or a.batch_size < 1:
             raise ValueError("--seq-len must be >= 2 and --batch-size >= 1")
         model, tokenizer = load(a.model, dtype=a.dtype)
@@ -88,13 +90,11 @@ def main(argv=None) -> int:
             "perplexity": math.exp(nll),
             "seconds": time.perf_counter() - tic,
         }
-    except (LoadError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+        print(json.dumps(result, indent=2))
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    return run_cli(body, (LoadError, ValueError, OSError))
 
 
 if __name__ == "__main__":

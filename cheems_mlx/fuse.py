@@ -48,7 +48,7 @@ def fuse(model_ref, adapter_path, save_path, dequantize=False, force=False, dtyp
 def _stored_dtype(path, config):
     """float16 / bfloat16 / float32: the dtype most of a converted folder's floating-point
     weights are stored in (read from the safetensors headers); None for other folders."""
-    from .convert.convert import read_safetensors_header
+    from .convert.checkpoint import read_safetensors_header
 
     if not config.get("source_format"):  # an unconverted checkpoint: keep what load gives
         return None
@@ -65,6 +65,7 @@ def _stored_dtype(path, config):
 
 
 def main(argv=None) -> int:
+    from .cli import run_cli
     from .loading import LoadError
 
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.fuse", description=__doc__.split("\n\n")[0])
@@ -76,14 +77,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype of the fused model (default: the base model's)")
     a = p.parse_args(argv)
-    try:
+    def body():
         out = fuse(a.model, a.adapter_path, a.save_path, a.dequantize, a.force, a.dtype,
                    log=lambda m: print(m, file=sys.stderr))
-    except (LoadError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"saved: {out}")
-    return 0
+        print(f"saved: {out}")
+
+    return run_cli(body, (LoadError, ValueError, OSError))
 
 
 if __name__ == "__main__":

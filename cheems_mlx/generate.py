@@ -15,6 +15,7 @@ import time
 import mlx.core as mx
 
 from . import distributed, numerics
+from .cli import add_dist_timeout, run_cli
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -45,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the stored one; a float16 model that overflows float16 "
                         "is computed in a wider dtype, with a note)")
     p.add_argument("--verbose", action="store_true", help="print prompt / generation speed and peak memory")
-    p.add_argument("--dist-timeout", type=float, default=None,
-                   help="under mlx.launch: stop with an error when the other ranks make no progress for this "
-                        "many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
+    add_dist_timeout(p)
     return p
 
 
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
 
     a = build_parser().parse_args(argv)
     try:
-        return distributed.run_cli(lambda: run(a), (UsageError, LoadError, numerics.NonFiniteLogits))
+        return run_cli(lambda: run(a), (UsageError, LoadError, numerics.NonFiniteLogits))
     except KeyboardInterrupt:
         return 130
 

@@ -3,7 +3,10 @@
 Each kernel lives in ``metal_kernels/<name>.metal`` and reads as Metal: helper functions
 first, then a line ``// ---- kernel body ----``, then the body that
 ``mx.fast.metal_kernel`` wraps in the signature it generates (everything above the marker
-is passed as ``header=``). The modules (ssd.py, dma.py, cdmoe.py) keep their pure-MLX ops
+is passed as ``header=``). Helpers several kernels share live once, in
+``metal_kernels/*_common.metal``: a line ``// #include "dma_common.metal"`` (a comment to
+Metal, since each kernel is compiled alone) is replaced by that file's text, its own
+includes resolved the same way, each file at most once per kernel. The modules (ssd.py, dma.py, cdmoe.py) keep their pure-MLX ops
 path as the reference and dispatch with::
 
     if kernels.enabled(training=self.training): ...kernel path...
@@ -19,6 +22,7 @@ Tests run the kernels on Linux through an emulator (tests/metal_emulator) with
 """
 
 import os
+import re
 from contextlib import contextmanager
 from importlib import resources
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -26,6 +30,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 
 BODY_MARKER = "// ---- kernel body ----"
+INCLUDE = re.compile(r'^[ \t]*//[ \t]*#include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 
 _factory: Optional[Callable] = None  # None: mx.fast.metal_kernel
 _built: Dict[Tuple, Callable] = {}
@@ -44,9 +49,35 @@ def enabled(training: bool = False) -> bool:
     return mx.metal.is_available() and mx.default_device() == mx.gpu
 
 
+def _read(filename: str) -> str:
+    return resources.files("cheems_mlx.metal_kernels").joinpath(filename).read_text()
+
+
+def expand_includes(text: str, filename: str, read: Callable[[str], str] = _read, seen=None) -> str:
+    """``text`` (of ``filename``) with every ``// #include "other.metal"`` line replaced by
+    ``read("other.metal")``, expanded in turn; a file already included (or ``filename``
+    itself) is left out, so each file appears once and a cycle ends."""
+    seen = {filename} if seen is None else seen
+
+    def include(m):
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        try:
+            text = read(name)
+        except FileNotFoundError:
+            raise ValueError(f"metal_kernels/{filename} includes {name!r}, which is not in metal_kernels/") from None
+        if BODY_MARKER in text:
+            raise ValueError(f"metal_kernels/{name} is included by {filename} and must not hold a kernel body")
+        return expand_includes(text, name, read, seen).rstrip("\n")
+
+    return INCLUDE.sub(include, text)
+
+
 def source(name: str) -> Tuple[str, str]:
-    """(header, body) of ``metal_kernels/<name>.metal``."""
-    text = resources.files("cheems_mlx.metal_kernels").joinpath(f"{name}.metal").read_text()
+    """(header, body) of ``metal_kernels/<name>.metal``, its includes resolved."""
+    text = expand_includes(_read(f"{name}.metal"), f"{name}.metal")
     if BODY_MARKER not in text:
         raise ValueError(f"metal_kernels/{name}.metal has no '{BODY_MARKER}' line")
     header, body = text.split(BODY_MARKER, 1)

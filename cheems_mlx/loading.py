@@ -1,8 +1,11 @@
 """``cheems_mlx.load``: a converted model folder (or Hub repo id) -> (model, tokenizer).
 
 Loading goes through mlx-lm's own ``load_model`` / ``load_tokenizer`` (quantized
-weights, lazy loading, adapters and tokenizer wrapping come from there); only the
-model classes are ours, passed in directly so no ``--trust-remote-code`` is needed.
+weights, lazy loading and tokenizer wrapping come from there); only the model classes
+are ours, passed in directly so no ``--trust-remote-code`` is needed. An unconverted
+PyTorch checkpoint folder is read in memory by ``convert/checkpoint.py``; adapters are
+applied by ``cheems_mlx.adapters``. Sharded (multi-rank) loading is
+``cheems_mlx.distributed.sharded_load``.
 """
 
 import contextlib
@@ -13,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from mlx_lm.utils import load_model, load_tokenizer
 
+from .convert.formats import is_native
 from .model import Model, ModelArgs
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -63,17 +67,12 @@ def read_config(path: Path) -> Dict[str, Any]:
         raise LoadError(f"{cfg_file} is not valid JSON: {e}") from None
 
 
-def is_native(config: Dict[str, Any]) -> bool:
-    """A folder written by this project (converter, trainer, fuse)."""
-    return config.get("model_type") == "cheems" and "source_format" in config
-
-
 def import_checkpoint(path: Path, moe_routing: Optional[str] = None):
     """A PyTorch checkpoint folder (any format the converter reads) mapped in memory:
     (model, native config). Same checks as ``python -m cheems_mlx.convert``."""
     try:
-        from .convert.convert import build_model, load_weights
-        from .convert.convert import read_config as read_source_config
+        from .convert.checkpoint import build_model, load_weights
+        from .convert.checkpoint import read_config as read_source_config
         from .convert.formats import FormatError
     except ImportError as e:  # pragma: no cover - an install without the convert package
         raise LoadError(f"{path} is not a converted model and the converter is unavailable ({e})") from None
@@ -180,7 +179,7 @@ def load(
     else:  # an official Cheems / transformers Doge / legacy Doge checkpoint: map it in memory
         model, config = import_checkpoint(path, moe_routing=(model_config or {}).get("moe_routing"))
     if adapter_path is not None:
-        from .lora import LoRAError, load_adapters
+        from .adapters import LoRAError, load_adapters
 
         try:
             load_adapters(model, adapter_path)

@@ -11,12 +11,14 @@ LoRA / DoRA layers and the optimizers / schedules. What is ours, and why:
   groups of them; mlx-lm's default would put LoRA on every Embedding, i.e. the expert
   tables.
 - **DoRA on quantized expert tables**: mlx-lm's ``DoRAEmbedding`` cannot wrap a
-  ``QuantizedEmbedding``; those tables get a LoRA adapter instead (with a note).
+  ``QuantizedEmbedding``; those tables get a LoRA adapter instead (with a note). Putting
+  adapters on and loading them back is ``cheems_mlx.adapters``.
 - **the training loop**: mlx-lm's ``train`` saves adapter weights only; here a
   checkpoint also holds the optimizer state and the step (dropout noise is seeded
   per step), and
   ``--resume`` continues with exactly the losses of an uninterrupted run (the data
-  order is replayed from ``--seed``). It also writes ``metrics.jsonl`` and
+  order is replayed from ``--seed``); the checkpoints are ``cheems_mlx.training``'s, shared
+  with pretraining. It also writes ``metrics.jsonl`` and
   ``loss.png`` and reports peak memory.
 - **input checks**: a malformed JSONL line names its file and line; an empty split,
   unknown target names, or an adapter that does not fit the base model are one-line
@@ -30,15 +32,16 @@ import time
 import types
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Set
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from . import numerics
+from .adapters import LoRAError, apply_lora, load_adapters
 from .plots import loss_curve
 
 # target name -> module paths relative to a decoder layer
@@ -78,10 +81,6 @@ GROUPS["default"] = ["q_proj", "k_proj", "v_proj", "o_proj", "c_proj", "b_proj",
 DEFAULT_TARGETS = ["default"]
 
 
-class LoRAError(ValueError):
-    pass
-
-
 def resolve_targets(names: List[str], model) -> Set[str]:
     """Module paths (relative to a layer) for target names / groups, restricted to the
     modules the model has. Unknown names are an error."""
@@ -104,38 +103,6 @@ def resolve_targets(names: List[str], model) -> Set[str]:
     return keys
 
 
-def apply_lora(model, num_layers: int, params: Dict, fine_tune_type: str) -> None:
-    """mlx-lm's linear_to_lora_layers with explicit keys, except that DoRA falls back
-    to LoRA for quantized embeddings (mlx-lm's DoRAEmbedding cannot wrap them)."""
-    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
-    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
-
-    keys = set(params["keys"])
-    use_dora = fine_tune_type == "dora"
-    noted = False
-
-    def convert(module):
-        nonlocal noted
-        if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-            cls = DoRALinear if use_dora else LoRALinear
-        elif isinstance(module, nn.QuantizedEmbedding):
-            if use_dora and not noted:
-                print("[note] DoRA does not support quantized embeddings: the expert tables "
-                      "get LoRA adapters", file=sys.stderr)
-                noted = True
-            cls = LoRAEmbedding
-        elif isinstance(module, nn.Embedding):
-            cls = DoRAEmbedding if use_dora else LoRAEmbedding
-        else:
-            raise LoRAError(f"cannot put an adapter on a {type(module).__name__}")
-        return cls.from_base(module, r=params["rank"], scale=params["scale"], dropout=params["dropout"])
-
-    for layer in model.layers[-max(num_layers, 0):]:
-        new = [(k, convert(m)) for k, m in layer.named_modules() if k in keys]
-        if new:
-            layer.update_modules(tree_unflatten(new))
-
-
 def prepare_model_for_training(model, args) -> None:
     model.freeze()
     if args.num_layers == -1:
@@ -150,38 +117,6 @@ def prepare_model_for_training(model, args) -> None:
         apply_lora(model, args.num_layers, args.lora_parameters, args.fine_tune_type)
     else:
         raise LoRAError(f"unknown --fine-tune-type {args.fine_tune_type!r} (lora, dora, full)")
-
-
-def load_adapters(model, adapter_path) -> None:
-    """Apply the adapters saved in ``adapter_path`` (adapter_config.json +
-    adapters.safetensors); a base model they do not fit is a clear error."""
-    path = Path(adapter_path)
-    cfg_file, weights_file = path / "adapter_config.json", path / "adapters.safetensors"
-    if not cfg_file.exists() or not weights_file.exists():
-        raise LoRAError(f"{path} holds no adapter (adapter_config.json and adapters.safetensors)")
-    cfg = types.SimpleNamespace(**json.loads(cfg_file.read_text()))
-    if getattr(cfg, "num_layers", 0) > len(model.layers):
-        raise LoRAError(
-            f"the adapter in {path} was trained for {cfg.num_layers} layers; this model has {len(model.layers)}"
-        )
-    kind = getattr(cfg, "fine_tune_type", "lora")
-    if kind != "full":
-        params = dict(cfg.lora_parameters)
-        if "keys" not in params:
-            raise LoRAError(f"{cfg_file} does not list its target modules (lora_parameters.keys)")
-        apply_lora(model, cfg.num_layers, params, kind)
-    weights = mx.load(str(weights_file))
-    model_params = dict(tree_flatten(model.parameters()))
-    for name, w in weights.items():
-        if name not in model_params:
-            raise LoRAError(f"the adapter in {path} does not fit this model: no parameter {name!r}")
-        if tuple(w.shape) != tuple(model_params[name].shape):
-            raise LoRAError(
-                f"the adapter in {path} does not fit this model: {name} has shape {tuple(w.shape)}, "
-                f"the model expects {tuple(model_params[name].shape)}"
-            )
-    model.load_weights(list(weights.items()), strict=False)
-    model.eval()
 
 
 # --------------------------------------------------------------------------- data
@@ -224,7 +159,7 @@ def read_jsonl(path: Path) -> List[dict]:
 def load_datasets(args, tokenizer, log=print):
     from mlx_lm.tuner.datasets import create_dataset
 
-    from .train import PLAIN_CHAT_TEMPLATE
+    from .training import PLAIN_CHAT_TEMPLATE
 
     data = Path(args.data)
     if not data.is_dir():
@@ -257,32 +192,6 @@ def load_datasets(args, tokenizer, log=print):
 # --------------------------------------------------------------------------- training
 
 
-def _save_checkpoint(adapter_path: Path, model, optimizer, it: int):
-    ckpt = adapter_path / "checkpoints" / f"{it:07d}"
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    adapters = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
-    opt_state = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    (tmp / "state.json").write_text(json.dumps({"iteration": it}))
-    if ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt)
-    tmp.rename(ckpt)
-    mx.save_safetensors(str(adapter_path / "adapters.safetensors"), adapters)
-    (adapter_path / "checkpoints" / "latest").write_text(ckpt.name)
-
-
-def _latest_checkpoint(adapter_path: Path) -> Optional[Path]:
-    marker = adapter_path / "checkpoints" / "latest"
-    if not marker.exists():
-        return None
-    ckpt = adapter_path / "checkpoints" / marker.read_text().strip()
-    return ckpt if ckpt.exists() else None
-
-
 def make_optimizer(args):
     from mlx_lm.tuner.utils import build_schedule
 
@@ -307,6 +216,7 @@ def train(args, model, train_set, valid_set, log=print):
     from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterate_batches
 
     from . import distributed
+    from .training import latest_checkpoint, resume_checkpoint, save_checkpoint
 
     world = mx.distributed.init()  # the group cheems_mlx.distributed.init joined, or this process alone
     N, main_rank = world.size(), world.rank() == 0
@@ -320,21 +230,12 @@ def train(args, model, train_set, valid_set, log=print):
     start = 0
     metrics_file = adapter_path / "metrics.jsonl"
     if args.resume:  # rank 0 reads the checkpoint; the other ranks receive it
-        ckpt = _latest_checkpoint(adapter_path) if main_rank else None
-        if not distributed.share_object(ckpt is not None, world):
+        resumed = resume_checkpoint(adapter_path, model, optimizer, "adapters.safetensors", "iteration", world,
+                                    strict=False)
+        if resumed is None:
             raise LoRAError(f"--resume: no checkpoint in {adapter_path / 'checkpoints'}")
-        optimizer.init(model.trainable_parameters())
-        if main_rank:
-            model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
-            optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-            start = json.loads((ckpt / "state.json").read_text())["iteration"]
-            kept = [l for l in metrics_file.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= start]
-            metrics_file.write_text("".join(l + "\n" for l in kept))
-            log(f"Resuming from {ckpt} (iteration {start})")
-        if N > 1:
-            start = distributed.share_object(start, world)
-            state_items = tree_flatten(optimizer.state) if main_rank else None
-            optimizer.state = tree_unflatten(distributed.broadcast_arrays(state_items, world))
+        ckpt, start = resumed
+        log(f"Resuming from {ckpt} (iteration {start})")
     else:
         if args.resume_adapter_file is not None and main_rank:
             log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
@@ -419,7 +320,7 @@ def train(args, model, train_set, valid_set, log=print):
         watchdog.beat()
         elapsed += time.perf_counter() - tic
         if not math.isfinite(loss.item()):  # never save (or go on training) NaN adapters
-            last = _latest_checkpoint(adapter_path)
+            last = latest_checkpoint(adapter_path)
             kept = f"the last finite checkpoint is {last}" if last else "no checkpoint was saved"
             raise LoRAError(
                 f"training diverged at iteration {it} (loss {loss.item()}); {kept}. Lower --learning-rate "
@@ -437,7 +338,9 @@ def train(args, model, train_set, valid_set, log=print):
                 f"Tokens/sec {row['tokens_per_second']:.1f}, Peak mem {row['peak_memory_gb']:.3f} GB")
             losses, ntoks, steps, elapsed = 0.0, 0, 0, 0.0
         if (it % args.save_every == 0 or it == args.iters) and main_rank:
-            _save_checkpoint(adapter_path, model, optimizer, it)
+            adapters = dict(tree_flatten(model.trainable_parameters()))
+            save_checkpoint(adapter_path, f"{it:07d}", adapters, "adapters.safetensors", optimizer, {"iteration": it})
+            mx.save_safetensors(str(adapter_path / "adapters.safetensors"), adapters)  # the adapter folder's copy
             loss_curve(metrics_file, adapter_path / "loss.png", f"{args.fine_tune_type} on {args.data}", "iteration")
     watchdog.disarm()
     if metrics is not None:
@@ -454,6 +357,8 @@ def parse_args(argv=None):
     import yaml
     from mlx_lm.lora import CONFIG_DEFAULTS, build_parser, yaml_loader
 
+    from .cli import add_dist_timeout
+
     parser = build_parser()
     parser.prog = "python -m cheems_mlx.lora"
     parser.add_argument("--lora-targets", type=str, default=None,
@@ -465,9 +370,7 @@ def parse_args(argv=None):
                         help="clip the global gradient norm to this value (default 1.0; 0 turns it off)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --adapter-path from its latest checkpoint")
-    parser.add_argument("--dist-timeout", type=float, default=None,
-                        help="under mlx.launch: stop with an error when the other ranks make no progress "
-                             "for this many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
+    add_dist_timeout(parser)
     a = vars(parser.parse_args(argv))
     if a.get("config"):
         with open(a["config"]) as f:
@@ -594,6 +497,7 @@ def run(args, log=print):
 
 def main(argv=None) -> int:
     from . import distributed
+    from .cli import run_cli
     from .loading import LoadError
 
     def body():
@@ -602,7 +506,7 @@ def main(argv=None) -> int:
         run(args)
         distributed.finish(group)
 
-    return distributed.run_cli(body, (LoRAError, LoadError))
+    return run_cli(body, (LoRAError, LoadError))
 
 
 if __name__ == "__main__":

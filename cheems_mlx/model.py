@@ -13,7 +13,9 @@ Native weight names are the official Cheems ones (``model.word_embed``,
 ``model.final_layernorm``, ``lm_head``); ``sanitize`` maps the Doge formats onto them.
 
 This module is also an mlx-lm model module: ``ModelArgs``, ``Model`` with ``layers``,
-``make_cache``, ``sanitize``, ``quant_predicate`` and ``cast_predicate``.
+``make_cache``, ``sanitize``, ``shard``, ``quant_predicate`` and ``cast_predicate``. It
+owns the stack only: each layer's math, cache and tensor-parallel split live in its own
+module (ssd.py, dma.py, cdmoe.py), and nothing here imports the runtime that runs ranks.
 """
 
 import re
@@ -34,6 +36,7 @@ from mlx_lm.models.cache import (
 
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
+from .sharding import DistributedError, shard_vocab
 from .ssd import StateSpaceDuality
 
 LAYER_TYPES = ("ssd", "attn")
@@ -225,12 +228,40 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def shard(self, group: Optional[mx.distributed.Group] = None):
-        """Tensor-parallel split over the ranks of ``group`` (mlx-lm's ``shard`` convention):
-        heads, MLP width, expert rows and vocabulary rows; see ``cheems_mlx.distributed``."""
-        from .distributed import shard_model
+    def shard_problems(self, N: int) -> List[str]:
+        """What prevents splitting the model over N ranks (empty when it can be split): each
+        layer's own checks, and adapters that must be fused first."""
+        problems = []
+        for layer in self.layers:
+            found = [layer.mixer.shard_problems(N), layer.feed_forward.shard_problems(N)]
+            if any(type(m).__name__.startswith(("LoRA", "DoRA")) for _, m in layer.named_modules()):
+                found.insert(0, ["the model has LoRA adapters: fuse them first (python -m cheems_mlx.fuse)"])
+            problems += [p for ps in found for p in ps if p not in problems]
+        return problems
 
-        return shard_model(self, group)
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor-parallel split over the ranks of ``group`` in place (mlx-lm's ``shard``
+        convention): each layer splits itself (``StateSpaceDuality.shard``,
+        ``DynamicMaskAttention.shard``, ``MLP.shard``, ``CDMoE.shard``: heads, MLP width,
+        expert rows), then the vocabulary rows of ``word_embed`` / ``lm_head``; see
+        ``cheems_mlx.sharding``. Raises ``DistributedError`` (one line) when the model
+        cannot be split over this many ranks."""
+        group = group or mx.distributed.init()
+        N = group.size()
+        if N == 1:
+            return self
+        problems = self.shard_problems(N)
+        if problems:
+            raise DistributedError(f"cannot split this model over {N} ranks: " + "; ".join(problems))
+        for layer in self.layers:
+            layer.mixer.shard(group)
+            layer.feed_forward.shard(group)
+        V = self.args.vocab_size
+        shard_vocab(self.model.word_embed, V, group)
+        if not self.args.tie_word_embeddings:
+            shard_vocab(self.lm_head, V, group)
+        self.shard_group = group
+        return self
 
     def make_cache(
         self,

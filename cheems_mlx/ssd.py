@@ -22,16 +22,21 @@ module when ``kernels.enabled`` -- the ops functions above stay the reference.
 Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
 offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
 row's true token count when mlx-lm right-pads a batched prompt.
+
+Tensor parallel: ``StateSpaceDuality.shard(group)`` splits the heads (each rank keeps H/N
+heads and their state); ``shard_problems(N)`` says what prevents it.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 
 from . import kernels
 from .rope import RotaryEmbedding
+from .sharding import split_inputs_problems
 
 
 def segsum(x: mx.array) -> mx.array:
@@ -295,3 +300,22 @@ class StateSpaceDuality(nn.Module):
             cache[1] = (offset + step).astype(mx.int32)
             cache.advance(l)
         return self.out_proj(y.reshape(b, l, H * P).astype(x.dtype))
+
+    def shard_problems(self, N: int) -> List[str]:
+        """What prevents splitting this layer over N ranks (empty when it can be split)."""
+        problems = []
+        if self.num_heads % N:
+            problems.append(f"num_attention_heads {self.num_heads} (SSD heads) is not divisible by {N}")
+        return problems + split_inputs_problems("ssd.out_proj", self.out_proj, N)
+
+    def shard(self, group: mx.distributed.Group):
+        """Tensor-parallel split by heads (cheems_mlx.sharding): c/b/x/dt_proj all-to-sharded
+        and A by heads -> H/N heads, state (b, H/N, P, N); out_proj sharded-to-all (one
+        all_sum)."""
+        N, r = group.size(), group.rank()
+        for name in ("c_proj", "b_proj", "x_proj", "dt_proj"):
+            setattr(self, name, shard_linear(getattr(self, name), "all-to-sharded", group=group))
+        self.out_proj = shard_linear(self.out_proj, "sharded-to-all", group=group)
+        self.num_heads //= N
+        h0 = r * self.num_heads
+        self.A = mx.contiguous(self.A[h0 : h0 + self.num_heads])

@@ -16,12 +16,14 @@ seeded by (seed, step)), ``metrics.jsonl`` and a loss-curve PNG.
 
 ``export``: a model folder (config.json, model.safetensors, tokenizer files) that
 ``cheems_mlx.load`` and ``python -m cheems_mlx.generate`` read.
+
+The schedule, the evaluation, the checkpoints and the plain chat template are
+``cheems_mlx.training``'s (shared with fine-tuning).
 """
 
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -33,27 +35,22 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from . import distributed
+from .cli import add_dist_timeout, run_cli
 from .model import Model, ModelArgs
 from .plots import loss_curve
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-# A plain-text "chat" template for models pretrained on running text: messages are
-# concatenated (a system message first, then a space), an assistant turn ends with </s>, and
-# the generation prompt adds nothing -- so chat-style requests, mlx-lm's chat and
-# completion fine-tuning datasets and --system-prompt work, and a single user message
-# encodes exactly as the plain prompt does (the space after <s> gives the first word
-# sentencepiece's word-start marker, as plain encoding does).
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }} {% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }} "
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+from .training import (
+    PLAIN_CHAT_TEMPLATE,
+    evaluate,
+    latest_checkpoint,
+    learning_rate,
+    resume_checkpoint,
+    save_checkpoint,
 )
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 class TrainError(RuntimeError):
     pass
@@ -172,68 +169,9 @@ def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, s
     return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
-    """Non-overlapping windows from the start of the held-out split (deterministic)."""
-    n = min(max_batches * batch_size, (tokens.size - 1) // seq_len)
-    windows = [tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]
-    for i in range(0, n, batch_size):
-        rows = np.stack(windows[i : i + batch_size]).astype(np.int32)
-        yield mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
-
-
 def loss_fn(model, inputs, targets):
     logits = model(inputs)
     return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
-
-
-def evaluate(model, tokens, batch_size, seq_len, max_batches, group=None, beat=None) -> float:
-    """Mean cross-entropy over the held-out windows; with a group of N ranks, each rank
-    takes every N-th batch's rows r::N and the sums are all_sum-ed."""
-    N, r = (group.size(), group.rank()) if group is not None else (1, 0)
-    total, count = 0.0, 0
-    for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
-        x, y = x[r::N], y[r::N]
-        if y.shape[0] == 0:
-            continue
-        logits = model(x).astype(mx.float32)
-        total += nn.losses.cross_entropy(logits, y, reduction="sum").item()
-        count += y.size
-        if beat is not None:
-            beat()
-    if N > 1:
-        sums = mx.distributed.all_sum(mx.array([total, count], dtype=mx.float32), group=group, stream=mx.cpu)
-        total, count = sums.tolist()
-    return total / max(count, 1)
-
-
-def learning_rate(step, lr, warmup, total, min_lr):
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def save_checkpoint(run: Path, model, optimizer, step: int, metrics_meta: Dict):
-    ckpt = run / "checkpoints" / f"step_{step:07d}"
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    opt_state = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **metrics_meta}, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
-    (run / "checkpoints" / "latest").write_text(ckpt.name)
-    return ckpt
-
-
-def latest_checkpoint(run: Path) -> Optional[Path]:
-    marker = run / "checkpoints" / "latest"
-    if not marker.exists():
-        return None
-    ckpt = run / "checkpoints" / marker.read_text().strip()
-    return ckpt if ckpt.exists() else None
 
 
 def plot_losses(run: Path):
@@ -304,24 +242,12 @@ def fit(
     optimizer = optim.AdamW(learning_rate=lr, weight_decay=weight_decay)
     start = 0
     if resume:
-        ckpt = latest_checkpoint(run) if main_rank else None
-        if not distributed.share_object(ckpt is not None, group):
+        resumed = resume_checkpoint(run, model, optimizer, "model.safetensors", "step", group)
+        if resumed is None:
             raise TrainError(f"--resume: no checkpoint in {run}/checkpoints")
-        optimizer.init(model.trainable_parameters())
+        ckpt, start = resumed
         if main_rank:
-            model.load_weights(str(ckpt / "model.safetensors"))
-            opt = mx.load(str(ckpt / "optimizer.safetensors"))
-            optimizer.state = tree_unflatten(list(opt.items()))
-            start = json.loads((ckpt / "state.json").read_text())["step"]
             print(f"resuming from {ckpt} (step {start})", file=sys.stderr)
-            # drop metrics logged after that checkpoint so the curve has no duplicates
-            rows = [l for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-            rows = [l for l in rows if json.loads(l)["step"] <= start]
-            (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-        if N > 1:
-            start = distributed.share_object(start, group)
-            items = tree_flatten(optimizer.state) if main_rank else None
-            optimizer.state = tree_unflatten(distributed.broadcast_arrays(items, group))
     elif main_rank:
         (run / "metrics.jsonl").write_text("")
     distributed.broadcast_parameters(model, group)  # every rank starts from rank 0's weights
@@ -381,7 +307,8 @@ def fit(
                 bar.write(f"step {done}: val loss {val:.4f}, ppl {math.exp(val):.2f}")
             tic = time.perf_counter()
         if (done % save_every == 0 or done == steps) and main_rank:
-            save_checkpoint(run, model, optimizer, done, {"train_loss": last.get("train_loss")})
+            save_checkpoint(run, f"step_{done:07d}", dict(tree_flatten(model.parameters())), "model.safetensors",
+                            optimizer, {"step": done, "train_loss": last.get("train_loss")})
             plot_losses(run)
             tic = time.perf_counter()
         bar.update(1)
@@ -441,9 +368,7 @@ def main(argv=None):
     pf.add_argument("--save-every", type=int, default=200)
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--resume", action="store_true")
-    pf.add_argument("--dist-timeout", type=float, default=None,
-                    help="under mlx.launch: stop with an error when the other ranks make no progress for "
-                         "this many seconds (default $CHEEMS_DIST_TIMEOUT or 120; 0 waits forever)")
+    add_dist_timeout(pf)
     pe = sub.add_parser("export", help="write a model folder from a run's latest checkpoint")
     pe.add_argument("--run", type=Path, required=True)
     pe.add_argument("--data", type=Path, help="prepared data folder (tokenizer); default: the run's")
@@ -470,7 +395,7 @@ def main(argv=None):
             path = export(a.run, a.data, a.out, a.dtype, a.force)
             print(f"wrote {path}")
 
-    return distributed.run_cli(body, (TrainError, ValueError, OSError))
+    return run_cli(body, (TrainError, ValueError, OSError))
 
 
 if __name__ == "__main__":

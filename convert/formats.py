@@ -224,3 +224,8 @@ def native_config(config: Dict[str, Any], fmt: str, weights_shapes: Dict[str, tu
         if K < 1:
             raise FormatError(f"num_experts {out['num_experts']} is too small")
     return out
+
+
+def is_native(config: Dict[str, Any]) -> bool:
+    """A folder written by this project (converter, trainer, fuse)."""
+    return config.get("model_type") == "cheems" and "source_format" in config

@@ -27,19 +27,7 @@
 // Cost per step: reads the kept keys' K and V once per kv head (2 T_kept P Hkv elements)
 // plus T biases and valid flags per mask head; 4 T_kept P H FLOPs.
 
-// "no kept key yet": a finite stand-in for -inf (Metal may compile with fast math, where
-// infinities are not guaranteed); every real score is far above it
-#define DMA_NONE (-3.0e38f)
-
-template <typename T>
-inline float dma_addend(float m, float hi) {
-  // the ops path's mask value for a kept key: clip to the dtype's range, cast to T
-  return static_cast<float>(static_cast<T>(metal::min(m, hi)));
-}
-
-inline bool dma_kept(bool valid, float m, float thr, int jlim, int j) {
-  return valid && (m > thr || (m == thr && j < jlim));
-}
+// #include "dma_common.metal"
 
 // ---- kernel body ----
 constexpr int PL = (P + 31) / 32;            // head-dim elements per lane

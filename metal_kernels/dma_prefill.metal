@@ -30,18 +30,7 @@
 // Cost: mask scan 2 L T (valid + bias reads) per mask row; per active tile 32 P K and V
 // loads per threadgroup and 4 * 32 P FLOPs per row; skipped tiles cost only the mask scan.
 
-// "no kept key yet": a finite stand-in for -inf (Metal may compile with fast math)
-#define DMA_NONE (-3.0e38f)
-
-template <typename T>
-inline float dma_addend(float m, float hi) {
-  // the ops path's mask value for a kept key: clip to the dtype's range, cast to T
-  return static_cast<float>(static_cast<T>(metal::min(m, hi)));
-}
-
-inline bool dma_kept(bool valid, float m, float thr, int jlim, int j) {
-  return valid && (m > thr || (m == thr && j < jlim));
-}
+// #include "dma_common.metal"
 
 // ---- kernel body ----
 constexpr int PL = (P + 31) / 32;  // head-dim elements per lane

@@ -31,9 +31,7 @@
 //     e.g. P = N = 128, Q = 16, PB = 32 (R = 4): ~76 kFLOP (the one-step recurrence: 4*P*N =
 //     65 kFLOP; the chunked form buys parallel, barrier-amortised work per chunk, not fewer FLOPs).
 
-inline float rope_rotate(float own, float partner, float cos_t, float sin_t, bool first_half) {
-  return first_half ? own * cos_t - partner * sin_t : own * cos_t + partner * sin_t;
-}
+// #include "rope_common.metal"
 
 // ---- kernel body ----
   constexpr uint NT = 32 * NSG;         // threads

@@ -16,11 +16,7 @@
 // heads), writes P*N*4 + P sizeof(T); 4*P*N FLOPs: 0.5 FLOP per state byte moved, memory bound
 // on the state (P = N = 128: 128 KiB moved per head and token).
 
-// rotate-half RoPE of one element: own = v[n], partner = v[n +- N/2], angle of frequency n mod N/2
-inline float rope_rotate(float own, float partner, float cos_t, float sin_t, bool first_half) {
-  // first half:  v[i] cos - v[i + N/2] sin;   second half: v[i + N/2] cos + v[i] sin
-  return first_half ? own * cos_t - partner * sin_t : own * cos_t + partner * sin_t;
-}
+// #include "rope_common.metal"
 
 // ---- kernel body ----
   constexpr uint HALF = N / 2;

@@ -11,22 +11,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _vectors_dir():
-    """The official reference vectors: $CHEEMS_VECTORS, or shared/vectors beside the
-    checkout (where CI puts it)."""
-    for cand in (os.environ.get("CHEEMS_VECTORS"), ROOT / "shared" / "vectors", ROOT.parent / "shared" / "vectors"):
-        if cand and (Path(cand) / "cheems_A").is_dir():
-            return Path(cand)
-    return None
-
-
-VECTORS = _vectors_dir()
-needs_vectors = pytest.mark.skipif(VECTORS is None, reason="reference vectors (shared/vectors) not found")
+# The official reference vectors (tests/data/vectors: README.txt per case, INDEX.txt), kept in
+# the repository so every clone runs the parity tests; $CHEEMS_VECTORS points them at another
+# copy of the same layout.
+VECTORS = Path(os.environ.get("CHEEMS_VECTORS") or ROOT / "tests" / "data" / "vectors")
 
 
 def doge_to_mlx(hf_model, drop_keys=()):

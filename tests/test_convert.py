@@ -27,7 +27,7 @@ from cheems_mlx.model import Model, ModelArgs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from conftest import VECTORS, needs_vectors  # noqa: E402
+from conftest import VECTORS  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
@@ -177,7 +177,6 @@ def converted_dense(dense, tmp_path_factory):
 # --------------------------------------------------------------------------- parity: reference vectors
 
 
-@needs_vectors
 def test_cheems_head_vectors(tmp_path):
     dst = convert(VECTORS / "cheems_A", tmp_path / "out")
     cfg = json.loads((dst / "config.json").read_text())
@@ -189,7 +188,6 @@ def test_cheems_head_vectors(tmp_path):
     ).read_bytes()
 
 
-@needs_vectors
 def test_cheems_paper_time_vectors(tmp_path):
     src = copy_checkpoint(VECTORS / "cheems_A", tmp_path / "paper", names=("model.safetensors",))
     shutil.copyfile(VECTORS / "cheems_A" / "config_a6a4b63.json", src / "config.json")
@@ -200,7 +198,6 @@ def test_cheems_paper_time_vectors(tmp_path):
     assert_close(logits_of(dst, ids), np.load(VECTORS / "cheems_A" / "logits_a6a4b63.npy"))
 
 
-@needs_vectors
 def test_cli_subprocess_legacy_doge_vectors(tmp_path):
     dst = tmp_path / "doge_C_mlx"
     r = subprocess.run(
@@ -449,7 +446,6 @@ def test_unrecognised_weights(tmp_path, capsys):
     assert_fails(["--hf-path", src, "--mlx-path", dst], capsys, dst, "unrecognised", "'t5'", src / "config.json")
 
 
-@needs_vectors
 @pytest.mark.parametrize("change", [dict(num_attention_heads=8), dict(hidden_size=32)])
 def test_config_contradicts_weights(tmp_path, capsys, change):
     src = copy_checkpoint(VECTORS / "doge_C", tmp_path / "src")

@@ -1,4 +1,4 @@
-"""Parity with the official PyTorch code: every case in shared/vectors, imported through
+"""Parity with the official PyTorch code: every case in tests/data/vectors, imported through
 the same path a checkpoint takes, in float32.
 
 Full-forward logits: max|diff| <= 1e-4 * max(1, max|ref|) (the vectors' README expects
@@ -13,11 +13,30 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import VECTORS, needs_vectors
+from conftest import VECTORS
 
 CASES = [("cheems_A", "config.json", "logits.npy", "cheems"),
          ("cheems_A", "config_a6a4b63.json", "logits_a6a4b63.npy", "cheems_paper"),
          ("doge_C", "config.json", "logits.npy", "doge_legacy")]
+
+
+def test_every_vector_file_is_present_with_its_recorded_checksum():
+    """The copy in the repository is the one the vectors were made as: INDEX.txt, a README.txt
+    per case, and every file each case's meta.json lists, with its bytes and sha256."""
+    import hashlib
+
+    assert (VECTORS / "INDEX.txt").is_file()
+    cases = sorted(p.name for p in VECTORS.iterdir() if p.is_dir())
+    assert cases == ["cheems_A", "doge_C"]
+    for case in cases:
+        meta = json.loads((VECTORS / case / "meta.json").read_text())
+        files = meta["files"]
+        assert (VECTORS / case / "README.txt").is_file()
+        assert {"model.safetensors", "input_ids.npy", "logits.npy", "generated_ids.npy"} <= set(files)
+        for name, rec in files.items():
+            data = (VECTORS / case / name).read_bytes()
+            assert len(data) == rec["bytes"], (case, name)
+            assert hashlib.sha256(data).hexdigest() == rec["sha256"], (case, name)
 
 
 def load_case(case, config_name):
@@ -34,7 +53,6 @@ def load_case(case, config_name):
     return model, fmt, mx.array(np.load(folder / "input_ids.npy"))
 
 
-@needs_vectors
 @pytest.mark.parametrize("case,config_name,logits_name,expected_format", CASES,
                          ids=["cheems-head", "cheems-paper-time", "doge-legacy"])
 def test_full_forward_matches_official_logits(case, config_name, logits_name, expected_format):
@@ -45,7 +63,6 @@ def test_full_forward_matches_official_logits(case, config_name, logits_name, ex
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-@needs_vectors
 @pytest.mark.parametrize("case", ["cheems_A", "doge_C"])
 def test_cached_greedy_generation_matches_official(case):
     model, _, ids = load_case(case, "config.json")

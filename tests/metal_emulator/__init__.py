@@ -6,7 +6,8 @@ A call asks MLX for the exact Metal source it generates for that call (traced un
 against ``shim.h`` (Metal types, math, atomics, SIMD-group functions) with ``runtime.h`` (a
 fiber scheduler that plays one threadgroup at a time), and runs it in a subprocess on the
 inputs' bytes. Builds are cached by content in ``$CHEEMS_MLX_EMULATOR_CACHE`` (default
-``~/.cache/cheems_mlx_emulator``).
+``~/.cache/cheems_mlx_emulator``), which keeps the 500 most recently used builds
+(``$CHEEMS_MLX_EMULATOR_CACHE_BUILDS``) and prunes older ones.
 
 What it emulates:
 - the grid counted in threads (dispatchThreads): the last threadgroup of a dimension is

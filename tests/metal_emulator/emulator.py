@@ -5,6 +5,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -310,6 +311,53 @@ def cache_dir():
     return d
 
 
+# The cache keeps the MAX_BUILDS most recently used kernel builds (about 1 MB each; a whole test
+# run uses about 210, so two checkouts with different kernels still share it without
+# rebuilding) and the MAX_SHIMS most recently used precompiled shims (one per shim version and
+# sanitizer); every new build prunes the least recently used beyond those counts.
+MAX_BUILDS = int(os.environ.get("CHEEMS_MLX_EMULATOR_CACHE_BUILDS", "500"))
+MAX_SHIMS = 6
+
+
+def _touch(path):
+    """Mark ``path`` used now (its mtime orders the pruning); False when it is gone."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:  # pruned by another process meanwhile
+        return False
+
+
+def prune_cache(d, max_builds=None, max_shims=None):
+    """Delete the least recently used builds in ``d`` beyond ``max_builds`` (an executable and,
+    once no executable of it is left, its source) and the precompiled shims beyond
+    ``max_shims``. Returns the names deleted."""
+    max_builds = MAX_BUILDS if max_builds is None else max_builds
+    max_shims = MAX_SHIMS if max_shims is None else max_shims
+
+    def by_age(paths):  # newest first; a path another process deleted meanwhile drops out
+        aged = []
+        for p in paths:
+            try:
+                aged.append((p.stat().st_mtime_ns, p.name, p))
+            except FileNotFoundError:
+                pass
+        return [p for *_, p in sorted(aged, reverse=True)]
+
+    removed = []
+    for exe in by_age(d.glob("*.bin"))[max_builds:]:
+        exe.unlink(missing_ok=True)
+        removed.append(exe.name)
+        key = exe.name.split(".", 1)[0]
+        if not any(d.glob(f"{key}.*.bin")):
+            (d / f"{key}.cpp").unlink(missing_ok=True)
+            removed.append(f"{key}.cpp")
+    for pch in by_age(p for p in d.glob("pch-*") if p.is_dir())[max_shims:]:
+        shutil.rmtree(pch, ignore_errors=True)
+        removed.append(pch.name)
+    return removed
+
+
 @functools.lru_cache(maxsize=None)
 def _runtime_digest():
     h = hashlib.sha256()
@@ -338,7 +386,7 @@ def _precompiled_shim(d, flags, tag):
     """A folder holding shim.h and its precompiled header for these flags (a third of a
     kernel's compile time is parsing the shim)."""
     pch = d / f"pch-{_runtime_digest()[:16]}-{tag}"
-    if not (pch / "shim.h.gch").exists():
+    if not ((pch / "shim.h.gch").exists() and _touch(pch)):
         pch.mkdir(exist_ok=True)
         if not (pch / "shim.h").exists():
             tmp = pch / f".shim.h.{os.getpid()}.tmp"
@@ -356,7 +404,7 @@ def compile_kernel(cpp, sanitizer=None):
     key = hashlib.sha256("\0".join([cpp, _runtime_digest(), COMPILER, *flags]).encode()).hexdigest()[:32]
     d = cache_dir()
     exe = d / f"{key}.{tag}.bin"
-    if exe.exists():
+    if exe.exists() and _touch(exe):
         return exe
     with _compile_lock:
         src = d / f"{key}.cpp"
@@ -366,6 +414,7 @@ def compile_kernel(cpp, sanitizer=None):
             os.replace(tmp, src)
         pch = _precompiled_shim(d, flags, tag)
         _compile(d, [*flags, "-I", str(pch), "-I", str(HERE), src.name], exe)
+        prune_cache(d)
     return exe
 
 
