@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VECTORS, needs_vectors, tiny_cheems_dir, tiny_doge
+from conftest import VECTORS, tiny_cheems_dir, tiny_doge
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,6 @@ def test_transformers_doge_convert_quantize_generate_serve(tmp_path, tokenizer_f
     serve_and_ask(tmp_path / "doge-4bit")
 
 
-@needs_vectors
 @pytest.mark.slow
 def test_legacy_doge_generates_straight_across_its_keep_window(tmp_path, tokenizer_files):
     """The official legacy vectors with a keep window of 8 and ratio 0.5: generation crosses
@@ -120,7 +119,6 @@ def test_legacy_doge_generates_straight_across_its_keep_window(tmp_path, tokeniz
         generate(out, "--ignore-chat-template", prompt="and", tokens=20)
 
 
-@needs_vectors
 @pytest.mark.slow
 def test_official_cheems_convert_quantize_generate(tmp_path, tokenizer_files):
     src = tmp_path / "cheems"
