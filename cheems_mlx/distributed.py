@@ -319,7 +319,8 @@ def sharded_load(
     """``cheems_mlx.load`` for a tensor-parallel run: the weights are loaded lazily, the
     model is split with ``Model.shard``, then only this rank's slices are materialised,
     one layer at a time (the peak is this rank's share plus one layer's full weights)."""
-    from .loading import LoadError, is_native, load_folder_tokenizer, load_model_only, read_config, resolve_model_path
+    from .loading import (LoadError, is_native, limit_vocabulary, load_folder_tokenizer, load_model_only,
+                          read_config, resolve_model_path)
 
     group = group or mx.distributed.init()
     path = resolve_model_path(path_or_repo, revision)
@@ -335,6 +336,7 @@ def sharded_load(
     mx.eval(model.parameters())
     barrier(group, "waiting for the other ranks to load their shards")
     tokenizer = load_folder_tokenizer(path, tokenizer_config, config.get("eos_token_id"))
+    limit_vocabulary(model, tokenizer)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

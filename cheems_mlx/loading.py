@@ -148,6 +148,14 @@ def load_folder_tokenizer(path: Path, tokenizer_config: Optional[Dict[str, Any]]
             raise LoadError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
 
 
+def limit_vocabulary(model, tokenizer) -> None:
+    """A tokenizer with fewer tokens than the embedding has rows (a padded vocabulary): the
+    rows past it have no text, so the model never predicts them (``Model.vocab_limit``)."""
+    n_tokens = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None
+    if n_tokens and n_tokens < model.args.vocab_size:
+        model.vocab_limit = n_tokens
+
+
 def load(
     path_or_repo: Optional[Union[str, Path]] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
@@ -186,9 +194,7 @@ def load(
         except LoRAError as e:
             raise LoadError(str(e)) from None
     tokenizer = load_folder_tokenizer(path, tokenizer_config, config.get("eos_token_id"), native)
-    n_tokens = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None
-    if n_tokens and n_tokens < model.args.vocab_size:
-        model.vocab_limit = n_tokens  # padded vocabulary rows have no text: never predict them
+    limit_vocabulary(model, tokenizer)
     if dtype is not None:
         cast_model(model, dtype)
     elif not lazy:
