@@ -222,7 +222,7 @@ class Kernel:
         return self._kernel
 
     def __call__(self, *args, **kwargs):
-        if not getattr(_local, "guarded", False) or getattr(_local, "checking", False):
+        if not getattr(_local, "guarded", False) or in_self_check():
             return self.built()(*args, **kwargs)
         fam = family(kwargs.get("template"))
         _require(self.name, fam)
@@ -232,7 +232,7 @@ class Kernel:
             raise
         except Exception as e:  # noqa: BLE001 -- a build or launch error: this family is out
             whole = self.build_error is not None
-            _set_aside(self.name, None if whole else fam, f"failed to {'build' if whole else 'launch'}: {_one_line(e)}")
+            _set_aside(self.name, None if whole else fam, f"failed to {'build' if whole else 'launch'}: {one_line(e)}")
 
 
 def kernel(
@@ -338,6 +338,11 @@ def run_check(check: SelfCheck) -> Dict[str, Any]:
     return result
 
 
+def in_self_check() -> bool:
+    """Whether the launches now are a self-check's (tests count the real ones)."""
+    return getattr(_local, "checking", False)
+
+
 def cache_dir() -> Path:
     env = os.environ.get("CHEEMS_MLX_CACHE_DIR")
     if env:
@@ -391,7 +396,7 @@ def _require(name: str, fam: Tuple) -> None:
             _write_verdict(path, verdict)
         _state.verdicts[(name, fam)] = bool(verdict.get("ok"))
         if not verdict.get("ok"):
-            why = (f"failed to build or launch in its self-check: {_one_line(verdict['error'])}"
+            why = (f"failed to build or launch in its self-check: {one_line(verdict['error'])}"
                    if verdict.get("error") else
                    f"differs from the ops path in its self-check: max error {verdict.get('max_error'):.3g} > "
                    f"{verdict.get('tolerance'):g}")
@@ -425,7 +430,7 @@ def _warn_once(key, message: str) -> None:
             warnings.warn(message, KernelWarning, stacklevel=3)
 
 
-def _one_line(message) -> str:
+def one_line(message) -> str:
     lines = [s.strip() for s in str(message).splitlines() if s.strip()]
     text = " | ".join(lines[:4])
     return text if len(text) <= 400 else text[:397] + "..."
