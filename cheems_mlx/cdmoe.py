@@ -26,7 +26,9 @@ Metal kernels (used when ``kernels.enabled``; ``route`` / the expert term above 
 reference): ``product_key_route_kernel`` (metal_kernels/cdmoe_route.metal: both sub-key
 top-k, the candidate grid, the final top-k and the softmax in one launch) and
 ``expert_mix_kernel`` (cdmoe_mix.metal, or cdmoe_mix_q.metal straight from affine-quantized
-``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch).
+``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch), each
+compared with its ops function (``product_key_route``, ``expert_mix``) by a first-use
+self-check before it is trusted (kernels.py).
 
 Tensor parallel: ``MLP.shard(group)`` splits the width as mlx-lm's MLPs do;
 ``CDMoE.shard(group)`` splits the shared MLP the same way and the expert tables by rows

@@ -34,7 +34,9 @@ cache or the ``hard`` rule): ``key_selection`` turns the rule into a threshold p
 then metal_kernels/dma_decode*.metal (one query: flash-decoding split over the keys) or
 dma_prefill.metal (tiles of keys, skipped where the mask keeps none) attend without
 building the (batch, H, L, T) mask. A row with no kept key is uniform over all keys, as
-the ops path's finite ``mask_min`` makes it.
+the ops path's finite ``mask_min`` makes it. ``dma_prefill_self_check`` /
+``dma_decode_self_check`` compare the kernels with the ops path's ``attention_mask`` + SDPA
+before their first use (kernels.py).
 
 Tensor parallel: ``DynamicMaskAttention.shard(group)`` splits the heads (and ``dt_proj``
 over its input, then by mask heads); ``shard_problems(N)`` says what prevents it.

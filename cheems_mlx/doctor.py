@@ -20,13 +20,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from . import __version__, kernels
+from . import __version__, bench, kernels
 from . import cdmoe, dma, ssd  # noqa: F401 -- they declare the kernels' self-checks
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -99,21 +98,21 @@ def chip() -> str:
 
 
 def machine() -> Dict:
+    """bench's description of the machine, with the chip, macOS, memory and the BLAS
+    libraries actually loaded."""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     memory = total_memory_gb()
-    return {
-        "platform": platform.platform(),
-        "chip": chip(),
-        "gpu_architecture": info.get("architecture"),
-        "macos": platform.mac_ver()[0] or None,
-        "mlx": mx.__version__,
-        "cheems_mlx": __version__,
-        "python": platform.python_version(),
-        "memory_gb": None if memory is None else round(memory, 1),
-        "blas": blas(),
-        "metal": kernels.metal_available(),
-        "default_device": str(mx.default_device()),
-    }
+    return dict(
+        bench.machine(),
+        chip=chip(),
+        gpu_architecture=info.get("architecture"),
+        macos=platform.mac_ver()[0] or None,
+        cheems_mlx=__version__,
+        python=platform.python_version(),
+        memory_gb=None if memory is None else round(memory, 1),
+        blas_loaded=blas(),
+        metal=kernels.metal_available(),
+    )
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -133,30 +132,19 @@ def emulator_factory():
     return make_factory()
 
 
-def timed(fn, inputs, reps) -> float:
-    """Median milliseconds of ``fn(*inputs)`` evaluated, after one warm-up."""
-    mx.eval(fn(*inputs))
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        mx.eval(fn(*inputs))
-        times.append(time.perf_counter() - tic)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
 def check_case(name: str, case: Dict, dtype: str, run_kernel: bool, reps: int) -> Dict:
     """One kernel at one shape and dtype: builds?, max error / tolerance, kernel and ops ms."""
     row = {"kernel": name, "dtype": dtype, "case": case}
     check = kernels.CHECKS[name](T=DTYPES[dtype], **case)
     if not run_kernel:
-        row.update(checked=False, ops_ms=timed(check.ops_fn, check.inputs, reps))
+        row.update(checked=False, ops_ms=1e3 * bench.timeit(lambda: check.ops_fn(*check.inputs), reps))
         return row
     result = kernels.run_check(check)
     row.update(checked=True, builds=result["error"] is None, error=result["error"],
                max_error=result["max_error"], tolerance=result["tolerance"], ok=result["ok"])
     if row["builds"]:
-        row["kernel_ms"] = timed(check.kernel_fn, check.inputs, reps)
-        row["ops_ms"] = timed(check.ops_fn, check.inputs, reps)
+        row["kernel_ms"] = 1e3 * bench.timeit(lambda: check.kernel_fn(*check.inputs), reps)
+        row["ops_ms"] = 1e3 * bench.timeit(lambda: check.ops_fn(*check.inputs), reps)
     return row
 
 
@@ -192,9 +180,10 @@ def markdown(report: Dict) -> str:
     m = report["machine"]
     lines = [
         "## cheems_mlx doctor", "",
-        f"- platform: {m['platform']}; chip: {m['chip']}" + (f" ({m['gpu_architecture']})" if m["gpu_architecture"] else ""),
+        f"- platform: {m['platform']}; chip: {m['chip']}" + (f" ({m['gpu_architecture']})" if m["gpu_architecture"] else "")
+        + f"; {m['cpus']} CPUs",
         f"- macOS: {m['macos'] or 'not macOS'}; MLX {m['mlx']}; cheems_mlx {m['cheems_mlx']}; Python {m['python']}",
-        f"- memory: {m['memory_gb']} GB; BLAS: {m['blas']}; default device: {m['default_device']}",
+        f"- memory: {m['memory_gb']} GB; BLAS: {m['blas_loaded']}; default device: {m['device']}",
         f"- checked with: {report['checked_with']}", "",
     ]
     lines += [f"> {note}" for note in report["notes"]] + [""]

@@ -312,21 +312,27 @@ def max_error(ours, ref) -> float:
 
 def run_check(check: SelfCheck) -> Dict[str, Any]:
     """Run a self-check eagerly: {'ok', 'max_error', 'tolerance', 'error' (a build / launch
-    error's message or None), 'kernel_s', 'ops_s'}. Launches inside are raw."""
+    error's message, or the check's own failure, or None), 'kernel_s', 'ops_s'}. Launches
+    inside are raw."""
     outer = getattr(_local, "checking", False)
     _local.checking = True
     result = {"ok": False, "max_error": None, "tolerance": check.tolerance, "error": None,
               "kernel_s": None, "ops_s": None}
-    try:
+
+    def timed(fn):
         tic = time.perf_counter()
-        ref = check.ops_fn(*check.inputs)
-        mx.eval(ref)
-        result["ops_s"] = time.perf_counter() - tic
+        out = fn(*check.inputs)
+        mx.eval(out)
+        return out, time.perf_counter() - tic
+
+    try:
         try:
-            tic = time.perf_counter()
-            ours = check.kernel_fn(*check.inputs)
-            mx.eval(ours)
-            result["kernel_s"] = time.perf_counter() - tic
+            ref, result["ops_s"] = timed(check.ops_fn)
+        except Exception as e:  # noqa: BLE001 -- the check itself is broken: do not trust the kernel
+            result["error"] = f"the ops side of the check failed: {type(e).__name__}: {e}"
+            return result
+        try:
+            ours, result["kernel_s"] = timed(check.kernel_fn)
         except Exception as e:  # noqa: BLE001 -- a build / launch error is the verdict
             result["error"] = f"{type(e).__name__}: {e}"
             return result
@@ -392,7 +398,11 @@ def _require(name: str, fam: Tuple) -> None:
         verdict = _read_verdict(path) if mode() != "check" else None
         cached = verdict is not None
         if not cached:
-            verdict = dict(key, **run_check(check(**family_kwargs(fam))))
+            try:
+                result = run_check(check(**family_kwargs(fam)))
+            except Exception as e:  # noqa: BLE001 -- a self-check that cannot be made: do not trust the kernel
+                result = {"ok": False, "error": f"the self-check could not be made: {type(e).__name__}: {e}"}
+            verdict = dict(key, **result)
             _write_verdict(path, verdict)
         _state.verdicts[(name, fam)] = bool(verdict.get("ok"))
         if not verdict.get("ok"):
@@ -402,7 +412,8 @@ def _require(name: str, fam: Tuple) -> None:
                    f"{verdict.get('tolerance'):g}")
             if cached:
                 why += f" (verdict cached in {path}; CHEEMS_MLX_KERNELS=check re-checks)"
-            build_failed = any(k.name == name and k.build_error for k in _built.values())
+            factory = _factory or mx.fast.metal_kernel
+            build_failed = any(k[0] is factory and kern.name == name and kern.build_error for k, kern in _built.items())
             _set_aside(name, None if build_failed else fam, why)
 
 

@@ -17,7 +17,9 @@ Two numerically equivalent paths:
 Both run in float32 whatever the activation dtype; the decode state is float32.
 Each has a Metal kernel with RoPE on B and C fused in (``ssd_step_kernel``,
 ``ssd_chunked_scan_kernel``; metal_kernels/ssd_step.metal, ssd_scan.metal), used by the
-module when ``kernels.enabled`` -- the ops functions above stay the reference.
+module when ``kernels.enabled`` -- the ops functions above stay the reference, and each
+kernel's first-use self-check (``ssd_step_self_check``, ``ssd_scan_self_check``) compares
+the two before the kernel is trusted (kernels.py).
 
 Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
 offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the

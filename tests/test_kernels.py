@@ -47,29 +47,20 @@ def ops_tokens(default_model):
     return greedy(*default_model)
 
 
-class RaisingFactory:
-    """Every build fails, as Metal's compiler would on a source it rejects."""
+class FaultyFactory:
+    """Kernels that fail: ``raise`` -- every build fails, as Metal's compiler would on a source
+    it rejects; ``zeros`` -- kernels that build and launch but compute zeros. ``only``: just
+    that kernel, the others run on the emulator."""
 
-    def __init__(self, only=None):
-        self.only, self.fallback, self.built = only, make_factory(), []
-
-    def __call__(self, name, *args, **kwargs):
-        if self.only is not None and name != self.only:
-            return self.fallback(name, *args, **kwargs)
-        self.built.append(name)
-        raise RuntimeError(f"program_source:12:3: error: use of undeclared identifier 'simd_sum' ({name})")
-
-
-class ZerosFactory:
-    """Kernels that build and launch but compute zeros."""
-
-    def __init__(self, only=None):
-        self.only, self.fallback, self.built = only, make_factory(), []
+    def __init__(self, fault, only=None):
+        self.fault, self.only, self.fallback, self.built = fault, only, make_factory(), []
 
     def __call__(self, name, *args, **kwargs):
         if self.only is not None and name != self.only:
             return self.fallback(name, *args, **kwargs)
         self.built.append(name)
+        if self.fault == "raise":
+            raise RuntimeError(f"program_source:12:3: error: use of undeclared identifier 'simd_sum' ({name})")
         return lambda output_shapes, output_dtypes, **_: [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
 
 
@@ -86,9 +77,9 @@ def named(messages, name):
     return [m for m in messages if f"Metal kernel {name} " in m]
 
 
-@pytest.mark.parametrize("faulty", [RaisingFactory, ZerosFactory])
-def test_faulty_kernels_leave_the_ops_path_tokens_and_one_warning_each(faulty, default_model, ops_tokens):
-    factory = faulty()
+@pytest.mark.parametrize("fault", ["raise", "zeros"])
+def test_faulty_kernels_leave_the_ops_path_tokens_and_one_warning_each(fault, default_model, ops_tokens):
+    factory = FaultyFactory(fault)
     tokens, messages, aside = generate_with(factory, default_model)
     assert tokens == ops_tokens
     # every kernel the model launches is set aside; dma_decode_combine is never reached (the
@@ -100,23 +91,22 @@ def test_faulty_kernels_leave_the_ops_path_tokens_and_one_warning_each(faulty, d
     for name in failed:
         (message,) = named(messages, name)
         assert mx.__version__ in message and "python -m cheems_mlx.doctor" in message
-        assert f"device test backend {faulty.__qualname__}" in message
+        assert "device test backend FaultyFactory" in message
 
 
-@pytest.mark.parametrize("faulty,kernel", [(RaisingFactory, "dma_prefill"), (ZerosFactory, "ssd_step"),
-                                           (ZerosFactory, "cdmoe_route")])
-def test_one_faulty_kernel_among_working_ones(faulty, kernel, default_model, ops_tokens):
+@pytest.mark.parametrize("fault,kernel", [("raise", "dma_prefill"), ("zeros", "ssd_step"), ("zeros", "cdmoe_route")])
+def test_one_faulty_kernel_among_working_ones(fault, kernel, default_model, ops_tokens):
     """The other kernels (emulated) keep running; only the faulty one falls back, with one warning."""
-    tokens, messages, aside = generate_with(faulty(only=kernel), default_model)
+    tokens, messages, aside = generate_with(FaultyFactory(fault, only=kernel), default_model)
     assert tokens == ops_tokens
     assert len(messages) == 1 and named(messages, kernel), messages
     assert {name for name, _ in aside} == {kernel}
-    why = "failed to build" if faulty is RaisingFactory else "differs from the ops path"
+    why = "failed to build" if fault == "raise" else "differs from the ops path"
     assert why in messages[0]
 
 
 def test_a_set_aside_state_does_not_leak_between_backends():
-    factory = ZerosFactory()
+    factory = FaultyFactory("zeros")
     sx = kernels.probe((3, 8), 1)
     for _ in range(2):
         with warnings.catch_warnings(record=True) as caught:
@@ -152,18 +142,18 @@ def route_once(factory):
 
 def test_verdicts_are_cached_on_disk_and_rechecked_on_request(monkeypatch):
     counting = CountingChecks(monkeypatch, "cdmoe_route")
-    out, messages = route_once(ZerosFactory())
+    out, messages = route_once(FaultyFactory("zeros"))
     assert out is None and counting.calls == 1 and "differs from the ops path" in messages[0]
     (path,) = (kernels.cache_dir() / "kernel-checks").glob("cdmoe_route-*.json")
     verdict = json.loads(path.read_text())
     assert verdict["ok"] is False and verdict["mlx"] == mx.__version__
     assert verdict["source"] == kernels.source_hash("cdmoe_route") and verdict["device"].startswith("test backend")
 
-    out, messages = route_once(ZerosFactory())  # a later process: the verdict is read, not re-run
+    out, messages = route_once(FaultyFactory("zeros"))  # a later process: the verdict is read, not re-run
     assert out is None and counting.calls == 1 and "verdict cached" in messages[0]
 
     monkeypatch.setenv("CHEEMS_MLX_KERNELS", "check")
-    out, messages = route_once(ZerosFactory())
+    out, messages = route_once(FaultyFactory("zeros"))
     assert out is None and counting.calls == 2 and "verdict cached" not in messages[0]
 
 
