@@ -312,8 +312,8 @@ def max_error(ours, ref) -> float:
 
 def run_check(check: SelfCheck) -> Dict[str, Any]:
     """Run a self-check eagerly: {'ok', 'max_error', 'tolerance', 'error' (a build / launch
-    error's message, or the check's own failure, or None), 'kernel_s', 'ops_s'}. Launches
-    inside are raw."""
+    error's message, or the check's own failure, or None), 'kernel_s', 'ops_s'}, and
+    'check_failed' when the ops side could not run. Launches inside are raw."""
     outer = getattr(_local, "checking", False)
     _local.checking = True
     result = {"ok": False, "max_error": None, "tolerance": check.tolerance, "error": None,
@@ -329,7 +329,7 @@ def run_check(check: SelfCheck) -> Dict[str, Any]:
         try:
             ref, result["ops_s"] = timed(check.ops_fn)
         except Exception as e:  # noqa: BLE001 -- the check itself is broken: do not trust the kernel
-            result["error"] = f"the ops side of the check failed: {type(e).__name__}: {e}"
+            result.update(error=f"the ops side of the check failed: {type(e).__name__}: {e}", check_failed=True)
             return result
         try:
             ours, result["kernel_s"] = timed(check.kernel_fn)
@@ -401,9 +401,11 @@ def _require(name: str, fam: Tuple) -> None:
             try:
                 result = run_check(check(**family_kwargs(fam)))
             except Exception as e:  # noqa: BLE001 -- a self-check that cannot be made: do not trust the kernel
-                result = {"ok": False, "error": f"the self-check could not be made: {type(e).__name__}: {e}"}
+                result = {"ok": False, "error": f"the self-check could not be made: {type(e).__name__}: {e}",
+                          "check_failed": True}
             verdict = dict(key, **result)
-            _write_verdict(path, verdict)
+            if not verdict.get("check_failed"):  # a broken check (or one run inside a trace) says nothing
+                _write_verdict(path, verdict)   # lasting about the kernel: only this process sets it aside
         _state.verdicts[(name, fam)] = bool(verdict.get("ok"))
         if not verdict.get("ok"):
             why = (f"failed to build or launch in its self-check: {one_line(verdict['error'])}"

@@ -206,3 +206,18 @@ def test_every_kernel_declares_a_self_check():
     import cheems_mlx.cdmoe, cheems_mlx.dma, cheems_mlx.ssd  # noqa: E401, F401 -- they register
     names = {p.stem for p in kernels.resources.files("cheems_mlx.metal_kernels").iterdir() if p.name.endswith(".metal")}
     assert names == set(kernels.CHECKS)
+
+
+def test_a_broken_self_check_sets_the_kernel_aside_for_this_process_only(monkeypatch):
+    """A check whose ops side cannot run (a bug, or a check reached inside mx.compile) does not
+    trust the kernel, and records nothing on disk about it."""
+
+    def broken(**_):
+        def ops_fn(*_):
+            raise RuntimeError("eval inside a trace")
+        return kernels.SelfCheck(product_key_route_kernel, ops_fn, (), 1e-5)
+
+    monkeypatch.setitem(kernels.CHECKS, "cdmoe_route", broken)
+    out, messages = route_once(make_factory())
+    assert out is None and len(messages) == 1 and "the ops side of the check failed" in messages[0]
+    assert not list(kernels.cache_dir().glob("kernel-checks/*.json"))
