@@ -12,6 +12,8 @@ Where Metal is absent (Linux) it says so: ``--emulator`` runs the same grid thro
 emulator of a source checkout (tests/metal_emulator: the kernels compiled as C++ and run
 with threadgroup semantics; errors are meaningful, times are not), otherwise only the ops
 side of each check runs and no kernel is checked.
+
+Exit status 0 once the report is out (failing kernels are rows of it), 1 on bad input.
 """
 
 import argparse
@@ -159,11 +161,15 @@ def check_kernels(names, dtypes, backend: str, large: bool, quick: bool, progres
             if size == "large" and not large:
                 continue
             for dtype in dtypes:
-                if factory is not None:
-                    with kernels.backend(factory):
-                        row = check_case(name, case, dtype, True, reps)
-                else:
-                    row = check_case(name, case, dtype, backend == "metal", reps)
+                try:
+                    if factory is not None:
+                        with kernels.backend(factory):
+                            row = check_case(name, case, dtype, True, reps)
+                    else:
+                        row = check_case(name, case, dtype, backend == "metal", reps)
+                except Exception as e:  # noqa: BLE001 -- a report row, not a crash of the report
+                    row = {"kernel": name, "dtype": dtype, "case": case, "checked": True, "builds": False,
+                           "ok": False, "error": f"{type(e).__name__}: {e}"}
                 rows.append(row)
                 progress(row)
     return rows
@@ -189,7 +195,9 @@ def markdown(report: Dict) -> str:
     lines += [f"> {note}" for note in report["notes"]] + [""]
     if report["checked_with"] == "ops path only":
         lines += ["| kernel | dtype | case | ops ms |", "|---|---|---|---:|"]
-        lines += [f"| {r['kernel']} | {r['dtype']} | {case_text(r['case'])} | {r['ops_ms']:.3f} |" for r in report["rows"]]
+        lines += [f"| {r['kernel']} | {r['dtype']} | {case_text(r['case'])} | "
+                  + (f"{r['ops_ms']:.3f} |" if "ops_ms" in r else f"error: {kernels.one_line(r['error'])} |")
+                  for r in report["rows"]]
         return "\n".join(lines) + "\n"
     lines += ["| kernel | dtype | case | builds | max error | tolerance | ok | kernel ms | ops ms | x |",
               "|---|---|---|---|---:|---:|---|---:|---:|---:|"]

@@ -190,16 +190,15 @@ def self_check(*names: str):
 
 
 def family(template) -> Tuple:
-    """The part of a launch that selects the compiled kernel: its template, as text."""
-    return tuple((n, v if isinstance(v, (bool, int)) else str(v)) for n, v in template or ())
+    """The part of a launch that selects the compiled kernel: its template, as plain values
+    (dtypes by name)."""
+    return tuple((n, v if isinstance(v, (bool, int)) else str(v).replace("mlx.core.", "")) for n, v in template or ())
 
 
 def family_kwargs(fam: Tuple) -> Dict[str, Any]:
     """A family back as keywords for the self-check (dtypes as ``mx.Dtype``)."""
-    out = {}
-    for n, v in fam:
-        out[n] = getattr(mx, v.split(".")[-1]) if isinstance(v, str) and v.startswith("mlx.core.") else v
-    return out
+    return {n: getattr(mx, v) if isinstance(v, str) and isinstance(getattr(mx, v, None), mx.Dtype) else v
+            for n, v in fam}
 
 
 class Kernel:
@@ -429,7 +428,7 @@ def _set_aside(name: str, fam: Optional[Tuple], why: str) -> None:
             where = "" if fam is None else " (" + ", ".join(f"{n}={v}" for n, v in fam) + ")"
             warnings.warn(
                 f"cheems_mlx: Metal kernel {name}{where} {why}. It is set aside for this process and "
-                f"its module takes the ops path (same results, slower). MLX {mx.__version__}, device "
+                f"its module takes the ops path (the reference it must match). MLX {mx.__version__}, device "
                 f"{device_name()}: {REPORT}.",
                 KernelWarning, stacklevel=2,
             )
