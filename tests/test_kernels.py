@@ -53,10 +53,11 @@ class FaultyFactory:
     that kernel, the others run on the emulator."""
 
     def __init__(self, fault, only=None):
-        self.fault, self.only, self.fallback, self.built = fault, only, make_factory(), []
+        self.fault, self.only, self.fallback, self.built, self.emulated = fault, only, make_factory(), [], set()
 
     def __call__(self, name, *args, **kwargs):
         if self.only is not None and name != self.only:
+            self.emulated.add(name)
             return self.fallback(name, *args, **kwargs)
         self.built.append(name)
         if self.fault == "raise":
@@ -97,8 +98,10 @@ def test_faulty_kernels_leave_the_ops_path_tokens_and_one_warning_each(fault, de
 @pytest.mark.parametrize("fault,kernel", [("raise", "dma_prefill"), ("zeros", "ssd_step"), ("zeros", "cdmoe_route")])
 def test_one_faulty_kernel_among_working_ones(fault, kernel, default_model, ops_tokens):
     """The other kernels (emulated) keep running; only the faulty one falls back, with one warning."""
-    tokens, messages, aside = generate_with(FaultyFactory(fault, only=kernel), default_model)
+    factory = FaultyFactory(fault, only=kernel)
+    tokens, messages, aside = generate_with(factory, default_model)
     assert tokens == ops_tokens
+    assert factory.emulated == DEFAULT_MODEL_KERNELS - {kernel}
     assert len(messages) == 1 and named(messages, kernel), messages
     assert {name for name, _ in aside} == {kernel}
     why = "failed to build" if fault == "raise" else "differs from the ops path"
