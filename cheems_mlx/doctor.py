@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 
 from . import __version__, bench, kernels
+from .cli import run_cli
 from . import cdmoe, dma, ssd  # noqa: F401 -- they declare the kernels' self-checks
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -299,8 +300,6 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    from .distributed import run_cli
-
     return run_cli(lambda: run(parse(argv)), (DoctorError,))
 
 
