@@ -26,7 +26,9 @@ Metal kernels (used when ``kernels.enabled``; ``route`` / the expert term above 
 reference): ``product_key_route_kernel`` (metal_kernels/cdmoe_route.metal: both sub-key
 top-k, the candidate grid, the final top-k and the softmax in one launch) and
 ``expert_mix_kernel`` (cdmoe_mix.metal, or cdmoe_mix_q.metal straight from affine-quantized
-``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch).
+``nn.QuantizedEmbedding`` tables: gather, dot, silu, weight and sum in one launch), each
+compared with its ops function (``product_key_route``, ``expert_mix``) by a first-use
+self-check before it is trusted (kernels.py).
 
 Tensor parallel: ``MLP.shard(group)`` splits the width as mlx-lm's MLPs do;
 ``CDMoE.shard(group)`` splits the shared MLP the same way and the expert tables by rows
@@ -91,6 +93,27 @@ def product_key_topk(sx: mx.array, sy: mx.array, num_keys: int, k: int):
     scores, pos = topk_with_indices(grid, k)
     indices = mx.take_along_axis(grid_idx, pos, axis=-1)
     return scores, mx.stop_gradient(indices)
+
+
+def product_key_route(sx: mx.array, sy: mx.array, num_keys: int, k: int, norm_topk_prob: bool):
+    """The ops path's routing from the sub-key scores (..., K): weights (..., k) float32 (softmax
+    of the top-k scores, renormalised if asked) and expert indices (..., k)."""
+    scores, indices = product_key_topk(sx.astype(mx.float32), sy.astype(mx.float32), num_keys, k)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    if norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights, indices
+
+
+def expert_mix(x: mx.array, weights: mx.array, indices: mx.array, down_embed, up_embed) -> mx.array:
+    """The ops path's routed-expert term for x (b, l, d), weights / indices (b, l, He, k)."""
+    b, l, d = x.shape
+    down = down_embed(indices)  # (b, l, He, k, d)
+    up = up_embed(indices)  # (b, l, He, k, d)
+    expert_in = (down @ x[:, :, None, :, None]).squeeze(-1)  # (b, l, He, k)
+    expert_w = nn.silu(expert_in) * weights.astype(x.dtype)
+    flat_w = expert_w.reshape(b, l, 1, -1)  # (b, l, 1, He*k)
+    return (flat_w @ up.reshape(b, l, -1, d)).squeeze(-2)  # (b, l, d)
 
 
 def candidate_pairs(kk: int, k: int) -> list:
@@ -174,6 +197,47 @@ def expert_mix_kernel(x: mx.array, weights: mx.array, indices: mx.array, down_em
     return out.reshape(b, l, d)
 
 
+# Self-checks (kernels.attempt runs them before a kernel family's first use; the doctor over a
+# grid): each kernel against its ops function in the module's dtype.
+
+
+@kernels.self_check("cdmoe_route")
+def cdmoe_route_self_check(T=mx.float32, K=8, TOPK=4, NORM=False, rows=5, **_):
+    """Sub-key scores without ties: s_x a permutation of 0..K-1 per row, s_y one of 0..K-1
+    scaled below 1 by a power of two (exact in T for K <= 256), so every s_x[i] + s_y[j]
+    differs and both paths must pick the same experts; the ops path's order is unspecified,
+    so its result is sorted by weight (the kernel's order)."""
+
+    def permutation(seed):
+        return mx.argsort(mx.random.uniform(shape=(rows, K), key=mx.random.key(seed)), axis=-1)
+
+    sx = permutation(21).astype(T)
+    sy = (permutation(22).astype(mx.float32) / 2 ** math.ceil(math.log2(2 * K))).astype(T)
+
+    def ops_fn(sx, sy):
+        weights, indices = product_key_route(sx, sy, K, TOPK, NORM)
+        order = mx.argsort(-weights, axis=-1)
+        return mx.take_along_axis(weights, order, -1), mx.take_along_axis(indices, order, -1)
+
+    return kernels.SelfCheck(lambda sx, sy: product_key_route_kernel(sx, sy, K, TOPK, NORM), ops_fn, (sx, sy),
+                             kernels.TOLERANCE[T])
+
+
+@kernels.self_check("cdmoe_mix", "cdmoe_mix_q")
+def cdmoe_mix_self_check(T=mx.float32, D=32, M=4, BITS=None, GS=None, tokens=3, experts=64, **_):
+    """Float tables (cdmoe_mix) or affine-quantized ones (cdmoe_mix_q: BITS, GS), in T."""
+    probe = kernels.probe
+    x = probe((1, tokens, D), 31, T)
+    weights = mx.softmax(probe((1, tokens, 1, M), 32), axis=-1)
+    indices = mx.random.randint(0, experts, (1, tokens, 1, M), key=mx.random.key(33)).astype(mx.uint32)
+    tables = []
+    for seed in (34, 35):
+        table = nn.Embedding(experts, D)
+        table.weight = probe((experts, D), seed, T, 0.4)
+        tables.append(nn.QuantizedEmbedding.from_embedding(table, GS, BITS) if BITS else table)
+    return kernels.SelfCheck(expert_mix_kernel, expert_mix, (x, weights, indices, *tables), kernels.TOLERANCE[T])
+
+
 class CDMoE(MLP):
     def __init__(self, args):
         super().__init__(args)
@@ -222,29 +286,15 @@ class CDMoE(MLP):
     def route(self, x: mx.array):
         """Routing weights (b, l, He, k) float32 and expert indices (b, l, He, k)."""
         sx, sy = self.sub_key_scores(x)
-        if kernels.enabled(training=self.training):
-            return product_key_route_kernel(sx, sy, self.num_keys, self.top_k, self.norm_topk_prob)
-        scores, indices = product_key_topk(
-            sx.astype(mx.float32), sy.astype(mx.float32), self.num_keys, self.top_k
-        )
-        weights = mx.softmax(scores, axis=-1, precise=True)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        return weights, indices
+        args = (sx, sy, self.num_keys, self.top_k, self.norm_topk_prob)
+        out = kernels.attempt(product_key_route_kernel, *args) if kernels.enabled(training=self.training) else None
+        return product_key_route(*args) if out is None else out
 
     def experts(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
         """The routed term sum_{h,k} silu(x . down_embed[idx]) * w * up_embed[idx]: (b, l, d)."""
-        b, l, d = x.shape
-        if kernels.enabled(training=self.training):
-            out = expert_mix_kernel(x, weights, indices, self.down_embed, self.up_embed)
-            if out is not None:
-                return out
-        down = self.down_embed(indices)  # (b, l, He, k, d)
-        up = self.up_embed(indices)  # (b, l, He, k, d)
-        expert_in = (down @ x[:, :, None, :, None]).squeeze(-1)  # (b, l, He, k)
-        expert_w = nn.silu(expert_in) * weights.astype(x.dtype)
-        flat_w = expert_w.reshape(b, l, 1, -1)  # (b, l, 1, He*k)
-        return (flat_w @ up.reshape(b, l, -1, d)).squeeze(-2)  # (b, l, d)
+        args = (x, weights, indices, self.down_embed, self.up_embed)
+        out = kernels.attempt(expert_mix_kernel, *args) if kernels.enabled(training=self.training) else None
+        return expert_mix(*args) if out is None else out
 
     def __call__(self, x: mx.array) -> mx.array:
         weights, indices = self.route(x)

@@ -34,7 +34,9 @@ cache or the ``hard`` rule): ``key_selection`` turns the rule into a threshold p
 then metal_kernels/dma_decode*.metal (one query: flash-decoding split over the keys) or
 dma_prefill.metal (tiles of keys, skipped where the mask keeps none) attend without
 building the (batch, H, L, T) mask. A row with no kept key is uniform over all keys, as
-the ops path's finite ``mask_min`` makes it.
+the ops path's finite ``mask_min`` makes it. ``dma_prefill_self_check`` /
+``dma_decode_self_check`` compare the kernels with the ops path's ``attention_mask`` + SDPA
+before their first use (kernels.py).
 
 Tensor parallel: ``DynamicMaskAttention.shard(group)`` splits the heads (and ``dt_proj``
 over its input, then by mask heads); ``shard_problems(N)`` says what prevents it.
@@ -152,6 +154,15 @@ def dynamic_mask(
         causal = mx.where(allowed, 0.0, min_value)
         return mx.where(raw < 1.0, min_value, causal)
     raise ValueError(f"unknown dynamic_mask_rule {rule!r}; expected one of {MASK_RULES}")
+
+
+def attention_mask(bias, valid, q_len, num_heads, rule, keep_window_size, ratio, min_value) -> mx.array:
+    """The ops path's additive mask (batch, H, q_len, T) float32: ``dynamic_mask`` repeated
+    from the mask heads to the H query heads (query head h reads kv head h // (H / Hkv))."""
+    mask = dynamic_mask(bias, valid, q_len, rule, keep_window_size, ratio, min_value)
+    if mask.shape[1] != num_heads:
+        mask = mx.repeat(mask, num_heads // mask.shape[1], axis=1)
+    return mask
 
 
 def quantized_attention(q, k, v, mask, scale, group_size, bits):
@@ -318,6 +329,50 @@ def kernel_attention(
     return out
 
 
+# Self-checks (kernels.attempt runs them before a kernel family's first use; the doctor over a
+# grid): the kernels against the ops path's mask + SDPA in float32 on the same T inputs, with
+# per-row top-W selection (W = half the keys), GQA, batch > 1 and left padding (fully padded
+# query rows are uniform on both paths). The biases are multiples of 1/8, exact in every T,
+# so the only differences are the summation order and the output's rounding to T.
+
+
+def _dma_self_check(T, P, REP, per_head, B, Hkv, L, keys, **launch):
+    H = REP * Hkv
+    Hm = H if per_head else Hkv
+    probe = kernels.probe
+    q, k, v = probe((B, H, L, P), 11, T), probe((B, Hkv, keys, P), 12, T), probe((B, Hkv, keys, P), 13, T)
+    bias = (1 + mx.random.randint(0, 13, (B, Hm, keys), key=mx.random.key(14))).astype(mx.float32) / 8
+    valid = create_causal_mask(L, keys - L, left_padding=mx.array([3 * i for i in range(B)]))
+    W, scale = keys // 2, P**-0.5
+
+    def kernel_fn(q, k, v, bias, valid):
+        out = kernel_attention(q, k, v, bias, valid, "keep_window", W, 0.0, None, scale, mask_min(T), **launch)
+        if out is None:
+            raise ValueError("kernel_attention declined the self-check's inputs")
+        return out
+
+    def ops_fn(q, k, v, bias, valid):
+        f32 = mx.float32
+        mask = attention_mask(bias, valid, L, H, "keep_window", W, 0.0, mask_min(f32))
+        out = mx.fast.scaled_dot_product_attention(q.astype(f32), k.astype(f32), v.astype(f32), scale=scale, mask=mask)
+        return out.transpose(0, 2, 1, 3)
+
+    return kernels.SelfCheck(kernel_fn, ops_fn, (q, k, v, bias, valid), kernels.TOLERANCE[T])
+
+
+@kernels.self_check("dma_prefill")
+def dma_prefill_self_check(T=mx.float32, P=16, REP=2, MASK_PER_HEAD=False, BQ=None, B=2, Hkv=2, L=37, **_):
+    bq = BQ or max(1, PREFILL_ROWS // REP)
+    return _dma_self_check(T, P, REP, MASK_PER_HEAD, B, Hkv, L, L, rows=REP * bq)
+
+
+@kernels.self_check("dma_decode", "dma_decode_combine")
+def dma_decode_self_check(T=mx.float32, P=16, REP=1, MASK_PER_HEAD=False, NSG=DECODE_SIMDGROUPS,
+                          BLOCK=DECODE_BLOCK, B=2, Hkv=2, keys=None, **_):
+    keys = keys or BLOCK + 37  # two key blocks, the second ragged: the combine merges them
+    return _dma_self_check(T, P, REP, MASK_PER_HEAD, B, Hkv, 1, keys, block=BLOCK, simdgroups=NSG)
+
+
 class DynamicMaskAttention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -376,18 +431,17 @@ class DynamicMaskAttention(nn.Module):
             q, k = self.rope(q), self.rope(k)
 
         min_value = mask_min(q.dtype)
+        out = None
         if kernels.enabled(training=self.training) and not hasattr(kv_cache, "bits"):
-            out = kernel_attention(
-                q, k, v, bias, valid, self.rule, self.keep_window_size, self.ratio,
+            out = kernels.attempt(
+                kernel_attention, q, k, v, bias, valid, self.rule, self.keep_window_size, self.ratio,
                 self.sliding_window, self.scale, min_value,
             )
-            if out is not None:  # (b, l, H, P)
-                return self.o_proj(out.reshape(b, l, H * P))
-        mask = dynamic_mask(
-            bias, _normalize_valid(valid), l, self.rule, self.keep_window_size, self.ratio, min_value
+        if out is not None:  # (b, l, H, P)
+            return self.o_proj(out.reshape(b, l, H * P))
+        mask = attention_mask(
+            bias, _normalize_valid(valid), l, H, self.rule, self.keep_window_size, self.ratio, min_value
         )
-        if self.num_mask_heads != H:  # query head h reads kv head h // (H / Hkv)
-            mask = mx.repeat(mask, H // self.num_mask_heads, axis=1)
         if hasattr(kv_cache, "bits"):
             out = quantized_attention(q, k, v, mask, self.scale, kv_cache.group_size, kv_cache.bits)
         else:

@@ -17,7 +17,9 @@ Two numerically equivalent paths:
 Both run in float32 whatever the activation dtype; the decode state is float32.
 Each has a Metal kernel with RoPE on B and C fused in (``ssd_step_kernel``,
 ``ssd_chunked_scan_kernel``; metal_kernels/ssd_step.metal, ssd_scan.metal), used by the
-module when ``kernels.enabled`` -- the ops functions above stay the reference.
+module when ``kernels.enabled`` -- the ops functions above stay the reference, and each
+kernel's first-use self-check (``ssd_step_self_check``, ``ssd_scan_self_check``) compares
+the two before the kernel is trusted (kernels.py).
 
 Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
 offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
@@ -234,6 +236,58 @@ def ssd_chunked_scan_kernel(x, dt, A, B, C, initial_state=None, mask=None, cos_s
     return y, state
 
 
+# Self-checks (kernels.attempt runs them before a kernel family's first use; the doctor over a
+# grid): each kernel against the ops path on rope(B), rope(C), batch > 1 with a masked row.
+
+
+def _ssd_inputs(b, l, h, P, N, T):
+    """Deterministic x, dt, A, B, C (b, l, h, .), initial state, mask (row 1 padded at the
+    end) and RoPE offsets for the self-checks."""
+    probe = kernels.probe
+    x, B, C = probe((b, l, h, P), 1, T), probe((b, l, h, N), 2, T, 0.5), probe((b, l, h, N), 3, T, 0.5)
+    dt = nn.softplus(probe((b, l, h), 4) - 0.5)
+    A = -mx.linspace(0.2, 1.5, h)
+    state = probe((b, h, P, N), 5)
+    mask = ~((mx.arange(b)[:, None] == 1) & (mx.arange(l)[None, :] >= l - 2))  # (b, l); l = 1: row 1 out
+    offset = mx.array([5 + 12 * i for i in range(b)], dtype=mx.int32)
+    return x, dt, A, B, C, state, mask, offset
+
+
+def _rotated(rope, v, offset):
+    return v if rope is None else rope(v.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
+
+
+@kernels.self_check("ssd_step")
+def ssd_step_self_check(T=mx.float32, P=16, N=16, ROPE=True, b=2, h=2, **_):
+    rope = RotaryEmbedding(N, 10000.0, None, 2048) if ROPE else None
+
+    def kernel_fn(x, dt, A, B, C, state, mask, offset):
+        cos_sin = None if rope is None else rope_cos_sin(rope, b, 1, N, offset)[:, 0]
+        return ssd_step_kernel(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state, mask[:, 0], cos_sin)
+
+    def ops_fn(x, dt, A, B, C, state, mask, offset):
+        B, C = _rotated(rope, B, offset), _rotated(rope, C, offset)
+        return ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state, mask[:, 0])
+
+    return kernels.SelfCheck(kernel_fn, ops_fn, _ssd_inputs(b, 1, h, P, N, T), kernels.TOLERANCE[T])
+
+
+@kernels.self_check("ssd_scan")
+def ssd_scan_self_check(T=mx.float32, P=16, N=16, Q=None, ROPE=True, b=2, h=2, l=None, **_):
+    q = scan_layout(P, N, Q)[2]
+    l = l or q + 3  # a ragged second chunk
+    rope = RotaryEmbedding(N, 10000.0, None, 2048) if ROPE else None
+
+    def kernel_fn(x, dt, A, B, C, state, mask, offset):
+        cos_sin = None if rope is None else rope_cos_sin(rope, b, l, N, offset)
+        return ssd_chunked_scan_kernel(x, dt, A, B, C, state, mask, cos_sin, q)
+
+    def ops_fn(x, dt, A, B, C, state, mask, offset):
+        return ssd_chunked_scan(x, dt, A, _rotated(rope, B, offset), _rotated(rope, C, offset), 16, state, mask)
+
+    return kernels.SelfCheck(kernel_fn, ops_fn, _ssd_inputs(b, l, h, P, N, T), kernels.TOLERANCE[T])
+
+
 class StateSpaceDuality(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -254,6 +308,19 @@ class StateSpaceDuality(nn.Module):
             else None
         )
 
+    def kernel_path(self, X, dt, B, C, state, mask, offset):
+        """y (b, l, H, P) and the new state through ssd_step.metal (one token) or
+        ssd_scan.metal, RoPE on B and C fused in; X, B, C: (b, l, H, P) before RoPE."""
+        b, l = X.shape[:2]
+        cos_sin = None if self.rope is None else rope_cos_sin(self.rope, b, l, self.head_dim, offset)
+        if l == 1:
+            y, state = ssd_step_kernel(
+                X[:, 0], dt[:, 0], self.A, B[:, 0], C[:, 0], state,
+                None if mask is None else mask[:, 0], None if cos_sin is None else cos_sin[:, 0],
+            )
+            return y[:, None], state
+        return ssd_chunked_scan_kernel(X, dt, self.A, B, C, state, mask, cos_sin)
+
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         b, l, _ = x.shape
         H, P = self.num_heads, self.head_dim
@@ -268,16 +335,11 @@ class StateSpaceDuality(nn.Module):
 
         state = cache[0] if cache is not None else None
         offset = cache[1] if cache is not None and cache[1] is not None else 0
+        out = None
         if kernels.enabled(training=self.training):  # RoPE on B and C fused into the kernels
-            cos_sin = None if self.rope is None else rope_cos_sin(self.rope, b, l, P, offset)
-            if l == 1:
-                y, state = ssd_step_kernel(
-                    X[:, 0], dt[:, 0], self.A, B[:, 0], C[:, 0], state,
-                    None if mask is None else mask[:, 0], None if cos_sin is None else cos_sin[:, 0],
-                )
-                y = y[:, None]
-            else:
-                y, state = ssd_chunked_scan_kernel(X, dt, self.A, B, C, state, mask, cos_sin)
+            out = kernels.attempt(self.kernel_path, X, dt, B, C, state, mask, offset)
+        if out is not None:
+            y, state = out
         else:
             if self.rope is not None:
                 C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)

@@ -20,8 +20,9 @@
 // K / V tile is loaded once for REP * BQ rows (GQA aware). Key tiles of 32 keys: lane j of a
 // row scores key j of the tile (q.k from threadgroup memory), online softmax over the row
 // with simd_max / simd_sum; then lane owns head-dim elements d = lane + 32 i of the output.
-// K and V tiles share one threadgroup buffer (K, barrier, scores, barrier, V, barrier, P.V,
-// barrier) so P <= 128 fits in float32 (32 * 129 * 4 bytes).
+// K and V tiles share one threadgroup buffer (flags, barrier, K, barrier, scores, barrier, V,
+// barrier, P.V; the next tile's flag barrier closes it) so P <= 128 fits in float32
+// (32 * 129 * 4 bytes).
 //
 // Inputs: q (B, H, L, P), k / v (B, Hkv, T, P), bias (B, Hm, T): strided views allowed;
 // valid (Bv, Lv, T) bool, Bv in {1, B}, Lv in {1, L}; sel_thr (B, Hm, Lt) float32,
@@ -158,7 +159,8 @@ for (int t = 0; t < ntiles; ++t) {
       o[ii] = acc;
     }
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // every row is done reading the V tile
+  // no barrier closes the tile: the next tile's flag barrier comes before any write of kv or
+  // ps (a skipped tile writes neither), so every row is done reading this V tile by then
 }
 
 if (row_ok) {

@@ -11,8 +11,22 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def kernel_check_cache(tmp_path_factory):
+    """Every test its own on-disk cache of kernel self-check verdicts (cheems_mlx.kernels), so
+    no test reads another's verdicts or writes into the user's ~/.cache."""
+    previous = os.environ.get("CHEEMS_MLX_CACHE_DIR")
+    os.environ["CHEEMS_MLX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cheems_mlx_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CHEEMS_MLX_CACHE_DIR", None)
+    else:
+        os.environ["CHEEMS_MLX_CACHE_DIR"] = previous
 
 
 # The official reference vectors (tests/data/vectors: README.txt per case, INDEX.txt), kept in
@@ -82,7 +96,7 @@ def tiny_doge(seed=0, **overrides):
 # summation order only; float16 / bfloat16: the ops path rounds intermediates to the dtype,
 # 2^-11 / 2^-8 relative -- reasons per kernel in each test file's docstring).
 KERNEL_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-KERNEL_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+KERNEL_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}  # = cheems_mlx.kernels.TOLERANCE
 
 
 def planted_kernel(monkeypatch, name, source, header, emulator):

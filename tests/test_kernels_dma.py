@@ -295,14 +295,16 @@ _counters = []  # keeps counting factories alive: kernels.kernel caches builds b
 
 
 def counting(fac):
-    """fac, counting the launches of each kernel it builds: (factory, counts by name)."""
+    """fac, counting the launches of each kernel it builds, outside the kernels' first-use
+    self-checks: (factory, counts by name)."""
     counts = {}
 
     def build(**kwargs):
         kernel = fac(**kwargs)
 
         def launch(**call):
-            counts[kwargs["name"]] = counts.get(kwargs["name"], 0) + 1
+            if not kernels.in_self_check():
+                counts[kwargs["name"]] = counts.get(kwargs["name"], 0) + 1
             return kernel(**call)
 
         return launch

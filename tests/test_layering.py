@@ -26,7 +26,7 @@ LAYERS = [
                   "cheems_mlx.training", "cheems_mlx.cli", "cheems_mlx.convert.checkpoint"]),
     ("entry points", ["cheems_mlx.generate", "cheems_mlx.server", "cheems_mlx.convert.convert",
                       "cheems_mlx.convert.__main__", "cheems_mlx.train", "cheems_mlx.lora", "cheems_mlx.fuse",
-                      "cheems_mlx.evaluate", "cheems_mlx.bench"]),
+                      "cheems_mlx.evaluate", "cheems_mlx.bench", "cheems_mlx.doctor"]),
 ]
 
 
