@@ -6,6 +6,7 @@ and import them into cheems_mlx through the same path a real checkpoint takes
 -> ``load_weights(strict=True)``). Used by ``test_transformers_parity.py``.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -167,3 +168,33 @@ def tiny_cheems_dir(root, seed=3, **overrides):
     config["source_format"] = "cheems_mlx"
     tok_files = [root / "data" / f for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")]
     return save_model_dir(model, config, root / "model", dtype="float32", extra_files=tok_files)
+
+
+@contextlib.contextmanager
+def served(model_dir, *extra):
+    """``python -m cheems_mlx.server --model MODEL_DIR`` on a free port until the block ends:
+    yields the port once the server accepts connections."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cheems_mlx.server", "--model", str(model_dir), "--port", str(port),
+                             *map(str, extra)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start: {proc.stderr.read()}")
+                time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -6,16 +6,14 @@ argmax), independent of mlx-lm's generation code.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlx.core as mx
 import pytest
 
-from conftest import tiny_cheems_dir
+from conftest import served, tiny_cheems_dir
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +121,6 @@ def test_mlx_lm_benchmark_runs(model_dir):
     assert "tokens-per-sec" in proc.stdout or "tps" in proc.stdout.lower(), proc.stdout
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(port, path, body):
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
@@ -139,21 +131,7 @@ def post(port, path, body):
 
 
 def test_server_answers_openai_requests(model_dir):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cheems_mlx.server", "--model", str(model_dir), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start: {proc.stderr.read()}")
-                time.sleep(0.5)
+    with served(model_dir) as port:
         chat = post(port, "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": "and god said"}], "max_tokens": 6, "temperature": 0})
         assert chat["choices"][0]["message"]["content"]
@@ -168,6 +146,3 @@ def test_server_answers_openai_requests(model_dir):
         with ThreadPoolExecutor(len(prompts)) as ex:
             batched = list(ex.map(lambda p: post(port, "/v1/completions", body(p))["choices"][0]["text"], prompts))
         assert batched == single
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -12,16 +12,13 @@ and check only health; the trained default model is checked for what it learned.
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import VECTORS, tiny_cheems_dir, tiny_doge
+from conftest import VECTORS, served, tiny_cheems_dir, tiny_doge
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +58,12 @@ def with_tokenizer(folder, files):
 
 
 def serve_and_ask(model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cheems_mlx.server", "--model", str(model), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, f"server did not start: {proc.stderr.read()}"
-                time.sleep(0.5)
+    with served(model) as port:
         body = {"prompt": "and god said", "max_tokens": 10, "temperature": 1.0, "seed": 0}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             return healthy(json.loads(r.read())["choices"][0]["text"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
