@@ -26,7 +26,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import (
-    ArraysCache,
     BatchKVCache,
     CacheList,
     KVCache,
@@ -37,7 +36,7 @@ from mlx_lm.models.cache import (
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
 from .sharding import DistributedError, shard_vocab
-from .ssd import StateSpaceDuality
+from .ssd import SSDCache, StateSpaceDuality
 
 LAYER_TYPES = ("ssd", "attn")
 # layers Model.quant_predicate keeps at 8 bits whatever the requested quantization
@@ -270,7 +269,7 @@ class Model(nn.Module):
         kv_bits: Optional[int] = None,
         kv_group_size: int = 64,
     ):
-        """One cache per layer: SSD -> ArraysCache([state, offset]); attention ->
+        """One cache per layer: SSD -> SSDCache([state, offset], rollback over short calls); attention ->
         CacheList(K/V cache, per-key bias cache). ``left_padding`` builds batched caches
         for left-padded prompts; ``max_kv_size`` bounds the attention caches;
         ``kv_bits`` stores K/V quantized from the first token (the bias stays exact)."""
@@ -295,7 +294,7 @@ class Model(nn.Module):
         caches = []
         for layer in self.layers:
             if layer.layer_type == "ssd":
-                caches.append(ArraysCache(2, left_padding=left_padding))
+                caches.append(SSDCache(left_padding=left_padding))
             else:
                 caches.append(CacheList(kv(kv_bits is not None), kv()))
         return caches

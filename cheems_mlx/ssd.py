@@ -10,20 +10,25 @@ The sequence transformation of the Cheems layers (Wonderful Matrices, section 3.
 No conv1d, no z gate, no D skip, no dt bias. ``A`` is used exactly as stored (the
 official initialisation A = +1 makes states grow; new models here start with A < 0).
 
-Two numerically equivalent paths:
+Three numerically equivalent paths:
 - ``ssd_chunked_scan``: training / prefill, the four steps of the SSD algorithm
   (diagonal blocks, chunk states, inter-chunk recurrence, state -> output), any length;
-- ``ssd_step``: the one-token recurrence used for decoding.
-Both run in float32 whatever the activation dtype; the decode state is float32.
-Each has a Metal kernel with RoPE on B and C fused in (``ssd_step_kernel``,
+- ``ssd_step``: the one-token recurrence used for decoding;
+- ``ssd_states``: the recurrence unrolled over a short call, every position's state (what a
+  rollback cache keeps while verifying drafted tokens).
+All run in float32 whatever the activation dtype; the decode state is float32.
+The first two have a Metal kernel with RoPE on B and C fused in (``ssd_step_kernel``,
 ``ssd_chunked_scan_kernel``; metal_kernels/ssd_step.metal, ssd_scan.metal), used by the
 module when ``kernels.enabled`` -- the ops functions above stay the reference, and each
 kernel's first-use self-check (``ssd_step_self_check``, ``ssd_scan_self_check``) compares
-the two before the kernel is trusted (kernels.py).
+the two before the kernel is trusted (kernels.py). (A call of 2 to ``SSDCache.window``
+tokens on a rollback cache runs ``ssd_states`` on the ops path: no kernel emits
+per-position states yet.)
 
-Decode cache per layer: ``ArraysCache(2)`` holding ``[S (batch,H,P,N) float32,
-offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
-row's true token count when mlx-lm right-pads a batched prompt.
+Decode cache per layer: ``SSDCache`` (an ``ArraysCache(2)``) holding ``[S (batch,H,P,N)
+float32, offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
+row's true token count when mlx-lm right-pads a batched prompt. It keeps the states after
+each token of short calls so speculative decoding can roll it back (``trim``).
 
 Tensor parallel: ``StateSpaceDuality.shard(group)`` splits the heads (each rank keeps H/N
 heads and their state); ``shard_problems(N)`` says what prevents it.
@@ -34,7 +39,9 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm.models.cache as _mlx_lm_cache
 from mlx.nn.layers.distributed import shard_linear
+from mlx_lm.models.cache import ArraysCache
 
 from . import kernels
 from .rope import RotaryEmbedding
@@ -144,6 +151,39 @@ def ssd_step(
     state = dA[..., None, None] * state + dtx[..., :, None] * B[..., None, :]
     y = (state @ C[..., :, None]).squeeze(-1)
     return y, state
+
+
+def ssd_states(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    state: Optional[mx.array],
+    mask: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """The state after every position of a short call (a rollback cache keeps them):
+
+        S_t = exp(sum_{s<=t} dtA_s) S_0 + sum_{s<=t} exp(sum_{s<k<=t} dtA_k) dtx_s (outer) B_s
+
+    the one-step recurrence unrolled (one decay matrix, as in the scan's diagonal blocks).
+    Shapes as ``ssd_chunked_scan``; O(l^2) decay and l states, meant for l up to SSDCache.window.
+    Returns y (b, l, h, p) float32 and the states (b, l, h, p, n) float32."""
+    f32 = mx.float32
+    x, B, C, dt = x.astype(f32), B.astype(f32), C.astype(f32), dt.astype(f32)
+    dtA = dt * A.astype(f32)  # (b, l, h)
+    dtx = dt[..., None] * x  # (b, l, h, p)
+    if mask is not None:
+        dtA = mx.where(mask[..., None], dtA, 0.0)
+        dtx = mx.where(mask[..., None, None], dtx, 0.0)
+    dtA = dtA.transpose(0, 2, 1)  # (b, h, l)
+    decay = mx.exp(segsum(dtA))  # (b, h, t, s): exp(sum_{s<k<=t} dtA_k), 0 for s > t
+    states = mx.einsum("bhts,bshp,bshn->bthpn", decay, dtx, B)  # (b, l, h, p, n)
+    if state is not None:
+        from_start = mx.exp(mx.cumsum(dtA, axis=-1)).transpose(0, 2, 1)  # (b, l, h)
+        states = states + from_start[..., None, None] * state.astype(f32)[:, None]
+    y = mx.einsum("bthpn,bthn->bthp", states, C)
+    return y, states
 
 
 def rope_cos_sin(rope: RotaryEmbedding, b: int, l: int, n: int, offset) -> mx.array:
@@ -288,6 +328,92 @@ def ssd_scan_self_check(T=mx.float32, P=16, N=16, Q=None, ROPE=True, b=2, h=2, l
     return kernels.SelfCheck(kernel_fn, ops_fn, _ssd_inputs(b, l, h, P, N, T), kernels.TOLERANCE[T])
 
 
+ROLLBACK_WINDOW = 16
+
+
+class RollbackError(ValueError):
+    """A trim reaching further back than the SSD states an ``SSDCache`` kept."""
+
+
+class SSDCache(ArraysCache):
+    """The SSD layer's decode cache, ``[S (batch,H,P,N) float32, offset (batch,) int32]`` as in
+    an ``ArraysCache(2)``, that can also be rolled back over its latest tokens.
+
+    A state cannot be un-decayed, so rollback keeps copies: while a call processes at most
+    ``window`` tokens (a decode step, the verification of drafted tokens) the layer computes
+    the state after each of them (``ssd_step`` / ``ssd_states``) and records ``(S, offset)``
+    per token; ``history``
+    holds the last ``window + 1`` such pairs (the oldest is the state before the kept tokens),
+    across calls. ``trim(n)`` restores the pair from n tokens ago exactly (the same float32
+    arrays); a longer call (prefill) keeps only its final state, so trimming into it is refused
+    (``RollbackError``, raised before anything is changed) -- ``trimmable_tokens()`` says how
+    many tokens can be rolled back now; ``is_trimmable()`` says the cache type can.
+    Memory: one kept state is batch * H * P * N * 4 bytes per SSD layer (64 KiB per row and
+    layer for the default model: H=4, P=N=64), so at most ``window + 1`` times that.
+
+    Anything that replaces the arrays from outside (``filter``, ``extend``, ``merge``, loading)
+    leaves the history out of step with them; it then restarts from the current state. The
+    saved form (``state``) is ``ArraysCache``'s: the history is transient. The class is
+    registered in ``mlx_lm.models.cache`` because ``load_prompt_cache`` and ``CacheList``
+    rebuild caches by class name from that module.
+    """
+
+    window = ROLLBACK_WINDOW
+    history = ()
+
+    def __init__(self, size: int = 2, left_padding: Optional[List[int]] = None):
+        if size != 2:
+            raise ValueError(f"SSDCache holds [state, offset] (size 2, got {size})")
+        super().__init__(2, left_padding=left_padding)
+        self.history = [(None, None)]
+
+    def snapshots(self) -> list:
+        """The kept ``(S, offset)`` pairs, oldest first; the last is the current one."""
+        h = self.history
+        if h and h[-1][0] is self.cache[0] and h[-1][1] is self.cache[1]:
+            return list(h)
+        return [(self.cache[0], self.cache[1])]
+
+    def record(self, states: List[mx.array], offsets: List[mx.array], num_tokens: int):
+        """Set the state and offset after a call of ``num_tokens`` tokens; ``states`` /
+        ``offsets`` are the pairs after each of its tokens, or only after the last one."""
+        pairs = list(zip(states, offsets))
+        kept = self.snapshots() + pairs if len(pairs) == num_tokens else pairs[-1:]
+        self.history = kept[-(self.window + 1):]
+        self.cache[0], self.cache[1] = pairs[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """The current arrays and every kept state (the server's cache budget counts them)."""
+        arrays = {id(a): a for pair in self.snapshots() for a in pair if a is not None}
+        arrays.update({id(a): a for a in self.cache if a is not None})
+        return sum(a.nbytes for a in arrays.values())
+
+    def is_trimmable(self) -> bool:
+        """True: this cache rolls back, within ``trimmable_tokens()`` (``trim`` refuses more).
+        Not "some tokens now": mlx-lm's speculative decoding asks once, on the caches it is
+        handed (fresh, or reused by the server), before the short calls whose states are kept."""
+        return True
+
+    def trimmable_tokens(self) -> int:
+        return len(self.snapshots()) - 1
+
+    def trim(self, n: int) -> int:
+        kept = self.snapshots()
+        if not 0 <= n < len(kept):
+            raise RollbackError(
+                f"cannot roll the SSD state back {n} tokens: it keeps the states of its last "
+                f"{len(kept) - 1} tokens (calls of at most {self.window} tokens are kept)"
+            )
+        self.history = kept[: len(kept) - n]
+        self.cache[0], self.cache[1] = self.history[-1]
+        return n
+
+
+# load_prompt_cache / CacheList rebuild caches with globals()[class name] of this module
+_mlx_lm_cache.SSDCache = SSDCache
+
+
 class StateSpaceDuality(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -335,11 +461,14 @@ class StateSpaceDuality(nn.Module):
 
         state = cache[0] if cache is not None else None
         offset = cache[1] if cache is not None and cache[1] is not None else 0
+        # a short call on a rollback cache keeps the state after each of its tokens (SSDCache)
+        keep = 1 < l <= getattr(cache, "window", 0)
         out = None
-        if kernels.enabled(training=self.training):  # RoPE on B and C fused into the kernels
+        if kernels.enabled(training=self.training) and not keep:  # RoPE on B and C fused in
             out = kernels.attempt(self.kernel_path, X, dt, B, C, state, mask, offset)
         if out is not None:
             y, state = out
+            states = [state]
         else:
             if self.rope is not None:
                 C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
@@ -350,16 +479,27 @@ class StateSpaceDuality(nn.Module):
                     None if mask is None else mask[:, 0],
                 )
                 y = y[:, None]
+                states = [state]
+            elif keep:
+                y, all_states = ssd_states(X, dt, self.A, B, C, state, mask)
+                states = [all_states[:, i] for i in range(l)]  # (b, H, P, N) each
             else:
                 y, state = ssd_chunked_scan(X, dt, self.A, B, C, self.chunk_size, state, mask)
+                states = [state]
 
         if cache is not None:
-            cache[0] = state
-            if cache.lengths is not None:  # right-padded batch: advance by the true length
-                step = mx.clip(cache.lengths, 0, l).astype(mx.int32)
+            # RoPE position after each kept state: advance by each row's true token count
+            offsets = []
+            for k in range(l - len(states) + 1, l + 1):
+                if cache.lengths is not None:  # right-padded batch
+                    advance = mx.clip(cache.lengths, 0, k).astype(mx.int32)
+                else:
+                    advance = mx.full((b,), k, dtype=mx.int32)
+                offsets.append((offset + advance).astype(mx.int32))
+            if isinstance(cache, SSDCache):
+                cache.record(states, offsets, l)
             else:
-                step = mx.full((b,), l, dtype=mx.int32)
-            cache[1] = (offset + step).astype(mx.int32)
+                cache[0], cache[1] = states[-1], offsets[-1]
             cache.advance(l)
         return self.out_proj(y.reshape(b, l, H * P).astype(x.dtype))
 

@@ -1,0 +1,152 @@
+"""Rollback caches and speculative decoding (ssd.SSDCache, cheems_mlx.speculative, generate's
+--draft-model / --prompt-lookup).
+
+The references are independent of the code under test: a cache that never saw the trimmed
+tokens, and plain greedy decoding (mlx-lm's stream_generate without a draft).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import (
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+from conftest import doge_to_mlx, tiny_doge
+from cheems_mlx.model import Model, ModelArgs
+from cheems_mlx.ssd import SSDCache
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    import cheems_mlx
+
+    model, tokenizer = cheems_mlx.load(None, dtype="float32")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_cheems():
+    """A random hybrid (SSD, attention, SSD) with an SSD chunk of 8 tokens."""
+    args = ModelArgs(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
+        ssd_chunk_size=8, qk_norm=True, is_moe=False, max_position_embeddings=256,
+    )
+    mx.random.seed(5)
+    model = Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def doge():
+    return doge_to_mlx(tiny_doge())
+
+
+def feed(model, cache, tokens):
+    """Logits (V,) after the last of ``tokens``, fed in one call."""
+    logits = model(mx.array(tokens)[None], cache=cache)[0, -1]
+    mx.eval(logits)
+    return logits
+
+
+def assert_same_caches(a, b):
+    """The SSD states and RoPE positions, and the attention caches' positions, agree."""
+    for ca, cb in zip(a, b):
+        if isinstance(ca, SSDCache):
+            np.testing.assert_allclose(np.array(ca[0]), np.array(cb[0]), **TOL)
+            assert np.array(ca[1]).tolist() == np.array(cb[1]).tolist()
+        else:
+            for ka, kb in zip(ca.caches, cb.caches):
+                assert ka.offset == kb.offset
+
+
+def rollback_case(model, prompt, seen, kept, calls):
+    """Feed ``prompt`` then ``seen`` split into ``calls``, trim back to ``kept`` tokens of
+    ``seen``; compare with a cache that saw only ``prompt + seen[:kept]``."""
+    trimmed = make_prompt_cache(model)
+    feed(model, trimmed, prompt)
+    start = 0
+    for n in calls:
+        feed(model, trimmed, seen[start : start + n])
+        start += n
+    assert start == len(seen)
+    assert can_trim_prompt_cache(trimmed)
+    assert trim_prompt_cache(trimmed, len(seen) - kept) == len(seen) - kept
+
+    fresh = make_prompt_cache(model)
+    feed(model, fresh, prompt + seen[:kept])
+    assert_same_caches(trimmed, fresh)
+    nxt = [seen[-1]]
+    np.testing.assert_allclose(np.array(feed(model, trimmed, nxt)), np.array(feed(model, fresh, nxt)), **TOL)
+
+
+@pytest.mark.parametrize(
+    "prompt_len, seen_len, kept, calls",
+    [
+        (20, 5, 2, [5]),  # one verification call, 3 rejected
+        (20, 6, 1, [1, 1, 4]),  # across calls (a draft model's single steps)
+        (4, 8, 0, [8]),  # trim everything the short call saw
+        (3, 6, 3, [2, 4]),  # the short calls cross the SSD chunk boundary (8)
+    ],
+)
+def test_tiny_cheems_trimmed_cache_equals_a_cache_that_never_saw_the_tokens(tiny_cheems, prompt_len, seen_len, kept, calls):
+    rng = np.random.default_rng(prompt_len + seen_len)
+    tokens = rng.integers(0, 128, prompt_len + seen_len).tolist()
+    rollback_case(tiny_cheems, tokens[:prompt_len], tokens[prompt_len:], kept, calls)
+
+
+def test_default_model_rollback_across_the_chunk_boundary(default_model):
+    model, tokenizer = default_model
+    tokens = tokenizer.encode("In the beginning God created the heaven and the earth. " * 8)
+    assert len(tokens) > 70
+    # the prompt ends before the 64-token SSD chunk boundary, the verified tokens cross it
+    rollback_case(model, tokens[:60], tokens[60:68], 3, [8])
+    rollback_case(model, tokens[:62], tokens[62:66], 1, [1, 3])
+
+
+def test_doge_attention_caches_trim_as_before(doge):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, 30).tolist()
+    rollback_case(doge, tokens[:24], tokens[24:], 2, [6])
+
+
+def test_trim_beyond_the_kept_states_is_refused(tiny_cheems):
+    cache = make_prompt_cache(tiny_cheems)
+    feed(tiny_cheems, cache, list(range(40)))  # a long call keeps only its final state
+    ssd = cache[0]
+    assert ssd.is_trimmable() and ssd.trimmable_tokens() == 0
+    with pytest.raises(ValueError, match="cannot roll the SSD state back 1 tokens"):
+        ssd.trim(1)
+    for t in range(SSDCache.window + 3):  # single steps: the window is kept
+        feed(tiny_cheems, cache, [t])
+    assert ssd.trimmable_tokens() == SSDCache.window
+    with pytest.raises(ValueError):
+        ssd.trim(SSDCache.window + 1)
+
+
+def test_prompt_cache_file_and_batching_keep_working(tiny_cheems, tmp_path):
+    from mlx_lm.generate import _merge_caches
+
+    tokens = list(range(1, 30))
+    cache = make_prompt_cache(tiny_cheems)
+    feed(tiny_cheems, cache, tokens)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert [type(c).__name__ for c in loaded] == [type(c).__name__ for c in cache]
+    assert_same_caches(loaded, cache)
+    np.testing.assert_allclose(np.array(feed(tiny_cheems, loaded, [7, 8])), np.array(feed(tiny_cheems, cache, [7, 8])), **TOL)
+    assert loaded[0].trimmable_tokens() == 2  # the history restarts from the loaded state
+
+    merged = _merge_caches([cache, loaded])  # BatchGenerator's merge / filter / extend
+    assert type(merged[0]) is SSDCache and merged[0][0].shape[0] == 2
+    merged[0].filter(mx.array([1]))
+    merged[0].extend(merged[0])
+    assert merged[0][0].shape[0] == 2 and merged[0].trimmable_tokens() == 0
