@@ -1,7 +1,8 @@
 """``python -m cheems_mlx.generate``: text generation with mlx-lm's flags and machinery.
 
 Sampling, streaming detokenization, chat templates, prompt caches and KV-cache
-quantization are mlx-lm's (``stream_generate``, ``make_sampler``); this file adds the
+quantization and draft-model speculative decoding are mlx-lm's (``stream_generate``,
+``make_sampler``); prompt-lookup decoding is ``cheems_mlx.speculative``'s. This file adds the
 model loading (no ``--trust-remote-code`` needed, the embedded default model when
 ``--model`` is omitted), ``--max-kv-size`` for our hybrid caches, and input checks
 that fail with one clear line instead of a traceback.
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--quantized-kv-start", type=int, default=5000)
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--draft-model", type=str, default=None,
+                   help="a smaller model with the same tokenizer for speculative decoding (mlx-lm's)")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="tokens the draft model proposes per step (default 3)")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="prompt-lookup decoding: propose the N tokens that followed the latest earlier "
+                        "occurrence of the current n-gram in prompt + output (no draft model)")
+    p.add_argument("--prompt-lookup-ngram", type=int, default=3, help="n-gram size for --prompt-lookup")
     p.add_argument("--extra-eos-token", type=str, nargs="+", default=())
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="compute dtype (default: the stored one; a float16 model that overflows float16 "
@@ -71,6 +80,33 @@ def check_args(a):
         raise UsageError("--prefill-step-size must be positive")
     if a.kv_bits is not None and a.kv_bits not in (2, 3, 4, 5, 6, 8):
         raise UsageError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8 (got {a.kv_bits})")
+    check_speculative_args(a)
+
+
+def check_speculative_args(a):
+    from .speculative import check_num_draft_tokens
+
+    if a.num_draft_tokens is not None and a.draft_model is None:
+        raise UsageError("--num-draft-tokens needs --draft-model")
+    if a.draft_model is not None and a.prompt_lookup is not None:
+        raise UsageError("--draft-model and --prompt-lookup cannot be combined")
+    if a.draft_model is None and a.prompt_lookup is None:
+        return
+    try:
+        if a.draft_model is not None:
+            a.num_draft_tokens = 3 if a.num_draft_tokens is None else a.num_draft_tokens
+            check_num_draft_tokens(a.num_draft_tokens)
+        else:
+            check_num_draft_tokens(a.prompt_lookup, "--prompt-lookup")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if a.prompt_lookup_ngram < 1:
+        raise UsageError(f"--prompt-lookup-ngram must be >= 1 (got {a.prompt_lookup_ngram})")
+    method = "--draft-model" if a.draft_model is not None else "--prompt-lookup"
+    for flag, value in (("--max-kv-size", a.max_kv_size), ("--kv-bits", a.kv_bits),
+                        ("--prompt-cache-file", a.prompt_cache_file)):
+        if value is not None:
+            raise UsageError(f"{method} cannot be combined with {flag}")
 
 
 def encode_prompt(tokenizer, a, prompt_text: str):
@@ -91,6 +127,7 @@ def run(a) -> int:
     from mlx_lm.sample_utils import make_sampler
 
     from .loading import load
+    from .speculative import check_draft_tokenizer, stream_prompt_lookup
 
     check_args(a)
     prompt_text = a.prompt.replace("\\n", "\n").replace("\\t", "\t")
@@ -120,6 +157,8 @@ def run(a) -> int:
                              "into the model first (python -m cheems_mlx.fuse)")
         if prompt_cache is not None:
             raise UsageError("--prompt-cache-file is not supported by sharded generation")
+        if a.draft_model is not None or a.prompt_lookup is not None:
+            raise UsageError("speculative decoding is not supported by sharded generation")
         model, tokenizer, config = distributed.sharded_load(model_ref, group, return_config=True)
         # sampling must agree on every rank: rank 0's seed for all
         mx.random.seed(distributed.share_object(a.seed if a.seed is not None else int(time.time_ns() % 2**31), group))
@@ -164,10 +203,21 @@ def run(a) -> int:
 
     dtype = numerics.model_dtype(model)
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
+    generate, speculative = stream_generate, {}
+    if a.draft_model is not None:  # mlx-lm's speculative decoding on our trimmable caches
+        draft_model, draft_tokenizer = load(a.draft_model, dtype=a.dtype)
+        try:
+            check_draft_tokenizer(tokenizer, draft_tokenizer)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        speculative = dict(draft_model=draft_model, num_draft_tokens=a.num_draft_tokens)
+    elif a.prompt_lookup is not None:
+        generate = stream_prompt_lookup
+        speculative = dict(num_draft_tokens=a.prompt_lookup, ngram_size=a.prompt_lookup_ngram)
     response = None
     watchdog = distributed.watchdog()
     watchdog.arm("generating")
-    for response in stream_generate(
+    for response in generate(
         model,
         tokenizer,
         prompt,
@@ -175,7 +225,7 @@ def run(a) -> int:
         sampler=sampler,
         prompt_cache=prompt_cache,
         prefill_step_size=a.prefill_step_size,
-        prompt_progress_callback=watchdog.beat,
+        **(speculative or dict(prompt_progress_callback=watchdog.beat)),
     ):
         watchdog.beat()
         # never print a token drawn from NaN / Inf logits (an overflowing half-precision model)

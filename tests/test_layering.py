@@ -23,7 +23,7 @@ LAYERS = [
     ("model", ["cheems_mlx.model"]),
     ("services", ["cheems_mlx", "cheems_mlx.loading", "cheems_mlx.adapters", "cheems_mlx.numerics",
                   "cheems_mlx.distributed",
-                  "cheems_mlx.training", "cheems_mlx.cli", "cheems_mlx.convert.checkpoint"]),
+                  "cheems_mlx.speculative", "cheems_mlx.training", "cheems_mlx.cli", "cheems_mlx.convert.checkpoint"]),
     ("entry points", ["cheems_mlx.generate", "cheems_mlx.server", "cheems_mlx.convert.convert",
                       "cheems_mlx.convert.__main__", "cheems_mlx.train", "cheems_mlx.lora", "cheems_mlx.fuse",
                       "cheems_mlx.evaluate", "cheems_mlx.bench", "cheems_mlx.doctor"]),

@@ -150,3 +150,98 @@ def test_prompt_cache_file_and_batching_keep_working(tiny_cheems, tmp_path):
     merged[0].filter(mx.array([1]))
     merged[0].extend(merged[0])
     assert merged[0][0].shape[0] == 2 and merged[0].trimmable_tokens() == 0
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+VERSES = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, "
+    "and void; and darkness was upon the face of the deep. And the Spirit of God moved upon the "
+    "face of the waters. And God said, Let there be light: and there was light. "
+)
+COPY_HEAVY = VERSES * 3 + "In the beginning God"
+FREE = "The king went out to the field and said to his servants"
+
+
+def greedy_tokens(model, tokenizer, prompt, n, **kwargs):
+    from mlx_lm.generate import stream_generate
+
+    out = [(r.token, r.from_draft) for r in stream_generate(model, tokenizer, prompt, max_tokens=n, **kwargs)]
+    return [t for t, _ in out], sum(d for _, d in out)
+
+
+def lookup_tokens(model, tokenizer, prompt, n, k=4):
+    from cheems_mlx.speculative import stream_prompt_lookup
+
+    out = [(r.token, r.from_draft) for r in stream_prompt_lookup(model, tokenizer, prompt, max_tokens=n, num_draft_tokens=k)]
+    return [t for t, _ in out], sum(d for _, d in out)
+
+
+@pytest.fixture(scope="module")
+def random_draft(default_model):
+    """A tiny random Cheems on the default model's tokenizer (vocabulary 4096): it proposes
+    mostly wrong tokens, so the target's caches are rolled back often."""
+    args = ModelArgs(
+        vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
+        ssd_chunk_size=8, is_moe=False, max_position_embeddings=2048,
+    )
+    mx.random.seed(11)
+    model = Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def doge_4096():
+    return doge_to_mlx(tiny_doge(seed=2, vocab_size=4096))
+
+
+@pytest.mark.parametrize("draft", ["itself", "random"])
+@pytest.mark.parametrize("prompt", [COPY_HEAVY, FREE])
+def test_draft_model_decoding_equals_greedy_on_the_default_model(default_model, random_draft, draft, prompt):
+    model, tokenizer = default_model
+    ids = tokenizer.encode(prompt)
+    plain, _ = greedy_tokens(model, tokenizer, ids, 40)
+    draft_model = model if draft == "itself" else random_draft
+    spec, accepted = greedy_tokens(model, tokenizer, ids, 40, draft_model=draft_model, num_draft_tokens=4)
+    assert spec == plain
+    if draft == "itself":
+        assert accepted >= 20
+
+
+def test_draft_model_decoding_equals_greedy_on_a_doge(default_model, doge_4096, random_draft):
+    _, tokenizer = default_model
+    ids = tokenizer.encode(FREE)
+    plain, _ = greedy_tokens(doge_4096, tokenizer, ids, 30)
+    for draft in (doge_4096, random_draft):
+        spec, _ = greedy_tokens(doge_4096, tokenizer, ids, 30, draft_model=draft, num_draft_tokens=3)
+        assert spec == plain
+
+
+@pytest.mark.parametrize("prompt", [COPY_HEAVY, FREE])
+def test_prompt_lookup_equals_greedy_on_the_default_model(default_model, prompt):
+    model, tokenizer = default_model
+    ids = tokenizer.encode(prompt)
+    plain, _ = greedy_tokens(model, tokenizer, ids, 60)
+    spec, accepted = lookup_tokens(model, tokenizer, ids, 60)
+    assert spec == plain
+    if prompt == COPY_HEAVY:
+        assert accepted > 0
+
+
+@pytest.mark.parametrize("prompt", [COPY_HEAVY, FREE])
+def test_prompt_lookup_equals_greedy_on_a_doge(default_model, doge_4096, prompt):
+    _, tokenizer = default_model
+    ids = tokenizer.encode(prompt)
+    plain, _ = greedy_tokens(doge_4096, tokenizer, ids, 40)
+    spec, _ = lookup_tokens(doge_4096, tokenizer, ids, 40, k=5)
+    assert spec == plain
+
+
+def test_propose_takes_the_latest_earlier_occurrence():
+    from cheems_mlx.speculative import propose
+
+    assert propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 2) == [7, 5]
+    assert propose([1, 2, 3, 4, 8, 2, 3], 3, 3) == [4, 8, 2]  # falls back to the 2-gram
+    assert propose([5, 6, 7], 3, 2) == []
