@@ -245,3 +245,55 @@ def test_propose_takes_the_latest_earlier_occurrence():
     assert propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 2) == [7, 5]
     assert propose([1, 2, 3, 4, 8, 2, 3], 3, 3) == [4, 8, 2]  # falls back to the 2-gram
     assert propose([5, 6, 7], 3, 2) == []
+
+
+# ---------------------------------------------------------------- the generate CLI
+
+
+def cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cheems_mlx.generate", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_dir(tmp_path_factory):
+    from conftest import tiny_cheems_dir
+
+    return tiny_cheems_dir(tmp_path_factory.mktemp("other"))
+
+
+def test_generate_cli_speculative_output_equals_plain():
+    from cheems_mlx.loading import resolve_model_path
+
+    common = ["--prompt", COPY_HEAVY, "--max-tokens", "30", "--ignore-chat-template", "--dtype", "float32"]
+    plain = cli(*common)
+    assert plain.returncode == 0, plain.stderr
+    lookup = cli(*common, "--prompt-lookup", "4")
+    assert lookup.returncode == 0, lookup.stderr
+    draft = cli(*common, "--draft-model", str(resolve_model_path(None)), "--num-draft-tokens", "2")
+    assert draft.returncode == 0, draft.stderr
+    assert plain.stdout.strip() and lookup.stdout == plain.stdout and draft.stdout == plain.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--draft-model", "DRAFT", "--num-draft-tokens", "0"], "--num-draft-tokens must be between 1 and 15"),
+        (["--draft-model", "DRAFT", "--num-draft-tokens", "16"], "--num-draft-tokens must be between 1 and 15"),
+        (["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-model"),
+        (["--prompt-lookup", "0"], "--prompt-lookup must be between 1 and 15"),
+        (["--prompt-lookup", "3", "--prompt-lookup-ngram", "0"], "--prompt-lookup-ngram"),
+        (["--prompt-lookup", "3", "--max-kv-size", "64"], "cannot be combined with --max-kv-size"),
+        (["--draft-model", "DRAFT", "--prompt-lookup", "3"], "cannot be combined"),
+        (["--draft-model", "DRAFT"], "a draft model must use the same tokenizer"),
+    ],
+    ids=["draft-0", "draft-16", "no-draft", "lookup-0", "ngram-0", "kv-size", "both", "other-tokenizer"],
+)
+def test_generate_cli_rejects_bad_speculative_input(other_tokenizer_dir, extra, needle):
+    extra = [str(other_tokenizer_dir) if a == "DRAFT" else a for a in extra]
+    proc = cli("--max-tokens", "4", *extra)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
