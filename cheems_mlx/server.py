@@ -1,8 +1,11 @@
 """``python -m cheems_mlx.server``: mlx-lm's OpenAI-compatible HTTP server on our models.
 
-Everything (routes, streaming, batching, prompt-cache reuse) is mlx-lm's; the one
-change is the loader: models load through ``cheems_mlx.load`` (our classes, no
-``--trust-remote-code``, the embedded default model when ``--model`` is omitted).
+Everything (routes, streaming, batching, prompt-cache reuse, ``--draft-model`` speculative
+decoding) is mlx-lm's; the changes are the loader -- models (draft models too) load through
+``cheems_mlx.load`` (our classes, no ``--trust-remote-code``, the embedded default model when
+``--model`` is omitted) -- and ``RollbackPromptCache``: our SSD caches roll back only over
+their last tokens (``ssd.SSDCache``), so a longer cached prompt is reused by trimming it only
+when the trim fits; otherwise the nearest shorter prompt (or none) is used.
 
 Under ``mlx.launch`` mlx-lm's server runs one generation loop per rank in lockstep and
 rank 0 answers HTTP; here the model is then loaded shard by shard
@@ -12,8 +15,27 @@ one-line error instead of serving errors forever. ``--dist-timeout SECONDS`` (or
 ``CHEEMS_DIST_TIMEOUT``) bounds how long a rank waits for the others.
 """
 
+import copy
 import os
 import sys
+
+from mlx_lm.models.cache import LRUPromptCache
+
+from .ssd import RollbackError
+
+
+class RollbackPromptCache(LRUPromptCache):
+    """mlx-lm's LRU prompt cache for caches that roll back a bounded number of tokens."""
+
+    def fetch_nearest_cache(self, model, tokens):
+        try:
+            return super().fetch_nearest_cache(model, tokens)
+        except RollbackError:  # the longer cached prompt is too far ahead: use a shorter one
+            result = self._trie.search(model, tokens)
+            if result.shorter is not None:
+                entry = self._trie.get(result.model, result.shorter)
+                return copy.deepcopy(entry.prompt_cache), tokens[len(result.shorter):]
+            return None, tokens
 
 
 def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=False, **_):
@@ -96,6 +118,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     server.load = _load
+    server.LRUPromptCache = RollbackPromptCache
     server.sharded_load = _sharded_load
     if group.size() > 1:
         _patch_for_distributed(server, distributed)

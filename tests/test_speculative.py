@@ -297,3 +297,35 @@ def test_generate_cli_rejects_bad_speculative_input(other_tokenizer_dir, extra, 
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------- the server's prompt cache
+
+
+def test_server_prompt_cache_reuses_a_longer_prompt_within_the_rollback_window(tiny_cheems):
+    from cheems_mlx.server import RollbackPromptCache
+
+    rng = np.random.default_rng(3)
+    A = rng.integers(0, 128, 30).tolist()
+    cache = make_prompt_cache(tiny_cheems)
+    feed(tiny_cheems, cache, A[:25])
+    for t in A[25:]:  # decode steps: the last 5 tokens can be rolled back
+        feed(tiny_cheems, cache, [t])
+    lru = RollbackPromptCache()
+    lru.insert_cache("m", A, cache)
+
+    got, rest = lru.fetch_nearest_cache("m", A[:28] + [99])
+    assert rest == [99]
+    fresh = make_prompt_cache(tiny_cheems)
+    feed(tiny_cheems, fresh, A[:28])
+    assert_same_caches(got, fresh)
+    np.testing.assert_allclose(np.array(feed(tiny_cheems, got, [99])), np.array(feed(tiny_cheems, fresh, [99])), **TOL)
+
+    got, rest = lru.fetch_nearest_cache("m", A[:20] + [5, 6])  # 10 tokens back: too far
+    assert got is None and rest == A[:20] + [5, 6]
+    short = make_prompt_cache(tiny_cheems)
+    feed(tiny_cheems, short, A[:10])
+    lru.insert_cache("m", A[:10], short)
+    got, rest = lru.fetch_nearest_cache("m", A[:20] + [5, 6])
+    assert rest == A[10:20] + [5, 6]
+    assert_same_caches(got, short)
