@@ -329,3 +329,43 @@ def test_server_prompt_cache_reuses_a_longer_prompt_within_the_rollback_window(t
     got, rest = lru.fetch_nearest_cache("m", A[:20] + [5, 6])
     assert rest == A[10:20] + [5, 6]
     assert_same_caches(got, short)
+
+
+def test_server_with_a_draft_model_answers_as_plain_greedy(default_model):
+    import subprocess
+    import sys
+    import time
+
+    from mlx_lm.generate import stream_generate
+    from test_generation import free_port, post
+
+    from cheems_mlx.loading import resolve_model_path
+
+    model, tokenizer = default_model
+    prompts = [VERSES, VERSES, VERSES[:-20] + " and God saw"]  # exact reuse, then a trimmed longer prompt
+    expected = ["".join(r.text for r in stream_generate(model, tokenizer, tokenizer.encode(p), max_tokens=12))
+                for p in prompts]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cheems_mlx.server", "--port", str(port),
+         "--draft-model", str(resolve_model_path(None)), "--num-draft-tokens", "3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start: {proc.stderr.read()}")
+                time.sleep(0.5)
+        for p, exp in zip(prompts, expected):
+            got = post(port, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0})
+            assert got["choices"][0]["text"] == exp
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
