@@ -8,7 +8,10 @@ ops path with keep-window W against dense causal attention: prefill and decode w
 long cache); ``decode`` / ``prefill`` (one run: cheems_mlx through mlx-lm's generation
 loop vs transformers on the same converted checkpoint vs mlx-lm's Llama of the same size,
 and the memory-bandwidth floor, with a profile of where the time goes); ``kernels`` (each
-module with its Metal kernels against its ops path, on a Mac; elsewhere it says it cannot).
+module with its Metal kernels against its ops path, on a Mac; elsewhere it says it cannot);
+``speculative`` (the default model: plain greedy decoding vs prompt-lookup decoding with N
+proposed tokens vs mlx-lm's draft-model decoding, on copy-heavy and free text: decode
+tokens/s, the share of tokens accepted from proposals and whether the tokens equal plain's).
 
 Ratios, not absolute times, are what to compare across machines. On Linux the run
 reports whether OpenBLAS is preloaded (MLX's float32 matmuls go through cblas there).
@@ -29,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from .plots import line_plot
 
-SUITES = ("experts", "decode", "prefill", "attention", "ssd", "kernels", "all")
+SUITES = ("experts", "decode", "prefill", "attention", "ssd", "kernels", "speculative", "all")
 
 
 def machine() -> dict:
@@ -585,6 +588,66 @@ def suite_ssd(out: Path, heads=8, head_dim=64, lengths=(1024, 4096), chunks=(64,
     return result
 
 
+# --------------------------------------------------------------------------- speculative
+
+KJV = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+    "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+    "and God divided the light from the darkness. "
+)
+SPECULATIVE_TEXTS = {"copy-heavy": KJV * 4 + "In the beginning God", "free": "The king went out to the field and said"}
+
+
+def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, model_path=None):
+    """Greedy decoding of ``new_tokens`` tokens on the default model (float32): plain vs
+    prompt-lookup (N proposed tokens) vs a draft model (the model itself: the acceptance
+    ceiling, not a speed-up)."""
+    from mlx_lm.generate import stream_generate
+
+    from .loading import load
+    from .speculative import stream_prompt_lookup
+
+    model, tokenizer = load(model_path, dtype="float32")
+    methods = [("plain", stream_generate, {})]
+    methods += [(f"prompt lookup N={k}", stream_prompt_lookup, {"num_draft_tokens": k}) for k in lookups]
+    methods += [("draft = the model itself, N=3", stream_generate, {"draft_model": model, "num_draft_tokens": 3})]
+    rows = []
+    for text_name, text in SPECULATIVE_TEXTS.items():
+        prompt = tokenizer.encode(text)
+        plain_tokens = None
+        for name, generate, kw in methods:
+            runs = []
+            for _ in range(2):  # the first run warms up
+                responses = list(generate(model, tokenizer, prompt, max_tokens=new_tokens, **kw))
+                runs.append(responses)
+            tokens = [r.token for r in runs[-1]]
+            plain_tokens = tokens if plain_tokens is None else plain_tokens
+            accepted = sum(r.from_draft for r in runs[-1])
+            last = runs[-1][-1]
+            rows.append({"text": text_name, "method": name, "prompt_tokens": len(prompt), "tokens": len(tokens),
+                         "decode_tokens_per_s": last.generation_tps, "accepted": accepted,
+                         "accepted_share": accepted / max(len(tokens), 1),
+                         "tokens_per_forward": len(tokens) / max(len(tokens) - accepted, 1),
+                         "same_tokens_as_plain": tokens == plain_tokens})
+            print(f"{text_name:>10} {name:>30}: {last.generation_tps:7.1f} tok/s, "
+                  f"{accepted}/{len(tokens)} accepted, same as plain: {tokens == plain_tokens}", flush=True)
+    plain = {r["text"]: r["decode_tokens_per_s"] for r in rows if r["method"] == "plain"}
+    for r in rows:
+        r["speedup_vs_plain"] = r["decode_tokens_per_s"] / plain[r["text"]]
+    result = {"suite": "speculative", "machine": machine(), "dtype": "float32", "new_tokens": new_tokens, "rows": rows}
+    (out / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
+             f"BLAS: {result['machine']['blas']}, float32, the default model, greedy, {new_tokens} new tokens.", "",
+             "| text | method | decode tok/s | vs plain | accepted | tokens / forward | same tokens |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['text']} | {r['method']} | {r['decode_tokens_per_s']:.1f} | {r['speedup_vs_plain']:.2f}x "
+                     f"| {r['accepted']}/{r['tokens']} | {r['tokens_per_forward']:.2f} | {r['same_tokens_as_plain']} |")
+    (out / "speculative.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 # --------------------------------------------------------------------------- kernels
 
 KERNELS_UNAVAILABLE = (
@@ -695,7 +758,8 @@ def main(argv=None) -> int:
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="experts: expert counts; ssd / attention: sequence lengths")
+                   help="experts: expert counts; ssd / attention: sequence lengths; "
+                        "speculative: the numbers of proposed tokens")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(machine()))
@@ -707,6 +771,8 @@ def main(argv=None) -> int:
         suite_attention(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "attention" else {}))
     if a.suite in ("ssd", "all"):
         suite_ssd(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "ssd" else {}))
+    if a.suite in ("speculative", "all"):
+        suite_speculative(a.out, **({"lookups": tuple(a.sizes)} if a.sizes and a.suite == "speculative" else {}))
     if a.suite in ("kernels", "all"):
         measured = suite_kernels(a.out)
         if measured is None and a.suite == "kernels":
