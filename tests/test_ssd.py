@@ -20,7 +20,7 @@ import pytest
 from mlx_lm.models.cache import ArraysCache
 
 from cheems_mlx.model import ModelArgs
-from cheems_mlx.ssd import StateSpaceDuality, segsum, ssd_chunked_scan, ssd_step
+from cheems_mlx.ssd import StateSpaceDuality, segsum, ssd_chunked_scan, ssd_states, ssd_step
 
 RTOL_F32 = 2e-5
 
@@ -187,6 +187,26 @@ def test_chunked_scan_masked_positions_neither_decay_nor_write(chunk, with_initi
     assert_close(y[mask], y_ref[mask])
     assert_close(S, S_ref)
     np.testing.assert_allclose(S[2], 0.0 if S0 is None else S0[2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_per_position_states_match_the_recurrence(with_initial_state):
+    """ssd_states (what a rollback cache keeps): the state after every position of a short
+    call, masked positions included, equals the float64 recurrence stopped there."""
+    l = 9
+    rng = np.random.default_rng(11)
+    x, dt, A, B, C = scan_inputs(rng, 2, l)
+    mask = np.ones((2, l), bool)
+    mask[1, 6:] = False  # right padding
+    S0 = rng.normal(size=(2, 3, 4, 4)).astype(np.float32) if with_initial_state else None
+    y, states = ssd_states(*(mx.array(a) for a in (x, dt, A, B, C)),
+                           None if S0 is None else mx.array(S0), mx.array(mask))
+    assert states.shape == (2, l, 3, 4, 4) and states.dtype == mx.float32
+    y_ref, _ = recurrence_ref(x, dt, A, B, C, S0, mask)
+    assert_close(np.array(y)[mask], y_ref[mask])
+    for t in range(l):
+        _, S_ref = recurrence_ref(x[:, : t + 1], dt[:, : t + 1], A, B[:, : t + 1], C[:, : t + 1], S0, mask[:, : t + 1])
+        assert_close(np.array(states[:, t]), S_ref)
 
 
 def test_chunked_scan_masked_inputs_have_no_influence():
