@@ -214,7 +214,7 @@ def run(a) -> int:
     elif a.prompt_lookup is not None:
         generate = stream_prompt_lookup
         speculative = dict(num_draft_tokens=a.prompt_lookup, ngram_size=a.prompt_lookup_ngram)
-    response = None
+    response, accepted = None, 0
     watchdog = distributed.watchdog()
     watchdog.arm("generating")
     for response in generate(
@@ -230,6 +230,7 @@ def run(a) -> int:
         watchdog.beat()
         # never print a token drawn from NaN / Inf logits (an overflowing half-precision model)
         numerics.check_finite_logprobs(response.logprobs, dtype, response.generation_tokens)
+        accepted += response.from_draft
         if main_rank:
             print(response.text, end="", flush=True)
     watchdog.disarm()
@@ -243,6 +244,9 @@ def run(a) -> int:
             f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
             file=sys.stderr,
         )
+        if speculative:
+            print(f"Speculative: {accepted} of {response.generation_tokens} tokens accepted from proposals",
+                  file=sys.stderr)
         print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
     return 0
 

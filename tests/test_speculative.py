@@ -128,6 +128,7 @@ def test_trim_beyond_the_kept_states_is_refused(tiny_cheems):
     for t in range(SSDCache.window + 3):  # single steps: the window is kept
         feed(tiny_cheems, cache, [t])
     assert ssd.trimmable_tokens() == SSDCache.window
+    assert ssd.nbytes == (SSDCache.window + 1) * (ssd[0].nbytes + ssd[1].nbytes)  # kept states count
     with pytest.raises(ValueError):
         ssd.trim(SSDCache.window + 1)
 
@@ -239,6 +240,22 @@ def test_prompt_lookup_equals_greedy_on_a_doge(default_model, doge_4096, prompt)
     assert spec == plain
 
 
+def test_prompt_lookup_keeps_a_proposal_only_when_it_is_the_sampled_token(default_model):
+    """Above temperature 0 a proposed token is kept only when it equals the model's own sampled
+    token: with a deterministic non-greedy sampler (always the second most likely token) the
+    output is plain decoding's with that sampler."""
+    from mlx_lm.generate import stream_generate
+
+    from cheems_mlx.speculative import stream_prompt_lookup
+
+    model, tokenizer = default_model
+    second = lambda logprobs: mx.argsort(-logprobs, axis=-1)[..., 1]  # noqa: E731
+    ids = tokenizer.encode(COPY_HEAVY)
+    plain = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=30, sampler=second)]
+    spec = [r.token for r in stream_prompt_lookup(model, tokenizer, ids, max_tokens=30, sampler=second, num_draft_tokens=4)]
+    assert spec == plain
+
+
 def test_propose_takes_the_latest_earlier_occurrence():
     from cheems_mlx.speculative import propose
 
@@ -272,9 +289,10 @@ def test_generate_cli_speculative_output_equals_plain():
     assert plain.returncode == 0, plain.stderr
     lookup = cli(*common, "--prompt-lookup", "4")
     assert lookup.returncode == 0, lookup.stderr
-    draft = cli(*common, "--draft-model", str(resolve_model_path(None)), "--num-draft-tokens", "2")
+    draft = cli(*common, "--draft-model", str(resolve_model_path(None)), "--num-draft-tokens", "2", "--verbose")
     assert draft.returncode == 0, draft.stderr
     assert plain.stdout.strip() and lookup.stdout == plain.stdout and draft.stdout == plain.stdout
+    assert "tokens accepted from proposals" in draft.stderr  # the draft is the model: most are
 
 
 @pytest.mark.parametrize(
