@@ -108,7 +108,9 @@ def prompt_lookup_generate_step(
             yield sampled[i], logprobs[i], i < accepted
             if ntoks == max_tokens:
                 return
-        trim_prompt_cache(cache, len(draft) - accepted)  # forget the rejected proposals
+        rejected = len(draft) - accepted
+        if rejected and trim_prompt_cache(cache, rejected) != rejected:  # forget the rejected proposals
+            raise RuntimeError(f"the caches could not be rolled back {rejected} tokens")
 
 
 def stream_prompt_lookup(

@@ -120,14 +120,16 @@ def test_doge_attention_caches_trim_as_before(doge):
 
 def test_trim_beyond_the_kept_states_is_refused(tiny_cheems):
     cache = make_prompt_cache(tiny_cheems)
+    assert can_trim_prompt_cache(cache)  # empty
     feed(tiny_cheems, cache, list(range(40)))  # a long call keeps only its final state
     ssd = cache[0]
-    assert ssd.is_trimmable() and ssd.trimmable_tokens() == 0
+    assert ssd.trimmable_tokens() == 0
     with pytest.raises(ValueError, match="cannot roll the SSD state back 1 tokens"):
-        ssd.trim(1)
+        trim_prompt_cache(cache, 1)  # mlx-lm's trim on the whole list: refused, not silently short
+    assert trim_prompt_cache(cache, 0) == 0
     for t in range(SSDCache.window + 3):  # single steps: the window is kept
         feed(tiny_cheems, cache, [t])
-    assert ssd.trimmable_tokens() == SSDCache.window
+    assert ssd.is_trimmable() and ssd.trimmable_tokens() == SSDCache.window
     assert ssd.nbytes == (SSDCache.window + 1) * (ssd[0].nbytes + ssd[1].nbytes)  # kept states count
     with pytest.raises(ValueError):
         ssd.trim(SSDCache.window + 1)
