@@ -127,7 +127,7 @@ def run(a) -> int:
     from mlx_lm.sample_utils import make_sampler
 
     from .loading import load
-    from .speculative import check_draft_tokenizer, stream_prompt_lookup
+    from .speculative import check_draft, stream_prompt_lookup
 
     check_args(a)
     prompt_text = a.prompt.replace("\\n", "\n").replace("\\t", "\t")
@@ -205,9 +205,9 @@ def run(a) -> int:
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
     generate, speculative = stream_generate, {}
     if a.draft_model is not None:  # mlx-lm's speculative decoding on our trimmable caches
-        draft_model, draft_tokenizer = load(a.draft_model, dtype=a.dtype)
+        draft_model, draft_tokenizer, draft_config = load(a.draft_model, return_config=True, dtype=a.dtype)
         try:
-            check_draft_tokenizer(tokenizer, draft_tokenizer)
+            check_draft(tokenizer, config, draft_tokenizer, draft_config)
         except ValueError as e:
             raise UsageError(str(e)) from None
         speculative = dict(draft_model=draft_model, num_draft_tokens=a.num_draft_tokens)

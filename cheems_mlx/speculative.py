@@ -14,7 +14,7 @@ lacks:
   same distribution above), and the caches are trimmed back over the rejected tokens.
 - ``stream_prompt_lookup``: the same loop as ``mlx_lm.generate.stream_generate``, yielding its
   ``GenerationResponse`` objects, so a CLI consumes either one the same way.
-- ``check_num_draft_tokens`` / ``check_draft_tokenizer``: the limits of both methods.
+- ``check_num_draft_tokens`` / ``check_draft``: the limits of both methods.
 """
 
 import time
@@ -39,12 +39,18 @@ def check_num_draft_tokens(n: int, flag: str = "--num-draft-tokens"):
         )
 
 
-def check_draft_tokenizer(tokenizer, draft_tokenizer):
-    """A draft model must share the target's tokenizer (the token ids are compared)."""
+def check_draft(tokenizer, config: dict, draft_tokenizer, draft_config: dict):
+    """A draft model must share the target's tokenizer (the token ids are compared) and
+    vocabulary size (its proposals are fed to the target's embedding)."""
     if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"the draft model's tokenizer ({len(draft_tokenizer.get_vocab())} tokens) is not the "
             f"model's ({len(tokenizer.get_vocab())} tokens): a draft model must use the same tokenizer"
+        )
+    if draft_config.get("vocab_size") != config.get("vocab_size"):
+        raise ValueError(
+            f"the draft model's vocabulary has {draft_config.get('vocab_size')} entries, the model's "
+            f"{config.get('vocab_size')}: a draft model must have the same vocabulary"
         )
 
 

@@ -283,6 +283,24 @@ def other_tokenizer_dir(tmp_path_factory):
     return tiny_cheems_dir(tmp_path_factory.mktemp("other"))
 
 
+@pytest.fixture(scope="module")
+def other_vocab_dir(tmp_path_factory, random_draft):
+    """A random Cheems with the default model's tokenizer files but 4160 vocabulary rows."""
+    from dataclasses import asdict
+
+    from cheems_mlx.io import save_model_dir
+    from cheems_mlx.loading import resolve_model_path
+
+    args = ModelArgs(**{**asdict(random_draft.args), "vocab_size": 4160})
+    model = Model(args)
+    config = {k: v for k, v in asdict(args).items() if k != "layer_types"}
+    config["source_format"] = "cheems_mlx"
+    src = resolve_model_path(None)
+    tok_files = [src / f for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")]
+    return save_model_dir(model, config, tmp_path_factory.mktemp("vocab") / "model", dtype="float32",
+                          extra_files=tok_files)
+
+
 def test_generate_cli_speculative_output_equals_plain():
     from cheems_mlx.loading import resolve_model_path
 
@@ -308,11 +326,14 @@ def test_generate_cli_speculative_output_equals_plain():
         (["--prompt-lookup", "3", "--max-kv-size", "64"], "cannot be combined with --max-kv-size"),
         (["--draft-model", "DRAFT", "--prompt-lookup", "3"], "cannot be combined"),
         (["--draft-model", "DRAFT"], "a draft model must use the same tokenizer"),
+        (["--draft-model", "VOCAB"], "a draft model must have the same vocabulary"),
     ],
-    ids=["draft-0", "draft-16", "no-draft", "lookup-0", "ngram-0", "kv-size", "both", "other-tokenizer"],
+    ids=["draft-0", "draft-16", "no-draft", "lookup-0", "ngram-0", "kv-size", "both", "other-tokenizer",
+         "other-vocab"],
 )
-def test_generate_cli_rejects_bad_speculative_input(other_tokenizer_dir, extra, needle):
-    extra = [str(other_tokenizer_dir) if a == "DRAFT" else a for a in extra]
+def test_generate_cli_rejects_bad_speculative_input(other_tokenizer_dir, other_vocab_dir, extra, needle):
+    paths = {"DRAFT": str(other_tokenizer_dir), "VOCAB": str(other_vocab_dir)}
+    extra = [paths.get(a, a) for a in extra]
     proc = cli("--max-tokens", "4", *extra)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
