@@ -81,7 +81,7 @@ def test_kernels_suite_runs_its_mac_path_on_the_emulator(tmp_path, monkeypatch):
 def test_speculative_suite_writes_its_outputs_and_keeps_plain_tokens(tmp_path):
     from cheems_mlx.bench import suite_speculative
 
-    result = suite_speculative(tmp_path, lookups=(3,), new_tokens=12)
+    result = suite_speculative(tmp_path, lookups=(3,), new_tokens=12, reps=1)
     assert {r["method"] for r in result["rows"]} == {"plain", "prompt lookup N=3", "draft = the model itself, N=3"}
     assert all(r["same_tokens_as_plain"] for r in result["rows"])
     assert "| copy-heavy | prompt lookup N=3 |" in (tmp_path / "speculative.md").read_text()
