@@ -5,7 +5,11 @@ decoding) is mlx-lm's; the changes are the loader -- models (draft models too) l
 ``cheems_mlx.load`` (our classes, no ``--trust-remote-code``, the embedded default model when
 ``--model`` is omitted) -- and ``RollbackPromptCache``: our SSD caches roll back only over
 their last tokens (``ssd.SSDCache``), so a longer cached prompt is reused by trimming it only
-when the trim fits; otherwise the nearest shorter prompt (or none) is used.
+when the trim fits; otherwise the nearest shorter prompt (or none) is used. (mlx-lm drops the
+shorter prompts of a trimmable cache when a longer one is stored, so a prompt that branches
+off more than ``SSDCache.window`` tokens before the end of a stored one is recomputed. This
+applies to the unbatched path -- a draft model, a seed, --kv-bits; the batched path stores
+plain ``ArraysCache`` copies, which mlx-lm reuses by exact prefix only.)
 
 Under ``mlx.launch`` mlx-lm's server runs one generation loop per rank in lockstep and
 rank 0 answers HTTP; here the model is then loaded shard by shard

@@ -21,7 +21,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import GenerationResponse, generation_stream, wired_limit
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .ssd import SSDCache
@@ -89,34 +89,36 @@ def prompt_lookup_generate_step(
         raise ValueError(f"prompt-lookup decoding needs trimmable caches (got {kinds})")
 
     tokens = [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
-    y = mx.array(tokens, mx.uint32)
-    while y.size > 1:  # prefill all but the last prompt token
-        n = min(prefill_step_size, y.size - 1)
-        model(y[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        y = y[n:]
+    with mx.stream(generation_stream):
+        y = mx.array(tokens, mx.uint32)
+        while y.size > 1:  # prefill all but the last prompt token
+            n = min(prefill_step_size, y.size - 1)
+            model(y[:n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            y = y[n:]
 
-    ntoks = 0
-    while True:
-        # the last token is not in the cache yet: verify it and the proposal in one call
-        draft = propose(tokens, ngram_size, min(num_draft_tokens, max_tokens - ntoks - 1))
-        logits = model(mx.array(tokens[-1:] + draft, mx.uint32)[None], cache=cache)[0]  # (1+k, V)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        sampled = sampler(logprobs)  # (1+k,): the model's own token after each input
-        mx.eval(sampled, logprobs)
-        sampled = sampled.tolist()
-        accepted = 0
-        while accepted < len(draft) and sampled[accepted] == draft[accepted]:
-            accepted += 1
-        for i in range(accepted + 1):
-            tokens.append(sampled[i])
-            ntoks += 1
-            yield sampled[i], logprobs[i], i < accepted
-            if ntoks == max_tokens:
-                return
-        rejected = len(draft) - accepted
-        if rejected and trim_prompt_cache(cache, rejected) != rejected:  # forget the rejected proposals
-            raise RuntimeError(f"the caches could not be rolled back {rejected} tokens")
+        ntoks = 0
+        while True:
+            # the last token is not in the cache yet: verify it and the proposal in one call
+            draft = propose(tokens, ngram_size, min(num_draft_tokens, max_tokens - ntoks - 1))
+            logits = model(mx.array(tokens[-1:] + draft, mx.uint32)[None], cache=cache)[0]  # (1+k, V)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            sampled = sampler(logprobs)  # (1+k,): the model's own token after each input
+            mx.eval(sampled, logprobs)
+            sampled = sampled.tolist()
+            accepted = 0
+            while accepted < len(draft) and sampled[accepted] == draft[accepted]:
+                accepted += 1
+            rejected = len(draft) - accepted
+            # forget the rejected proposals before yielding (a caller may stop at any token)
+            if rejected and trim_prompt_cache(cache, rejected) != rejected:
+                raise RuntimeError(f"the caches could not be rolled back {rejected} tokens")
+            for i in range(accepted + 1):
+                tokens.append(sampled[i])
+                ntoks += 1
+                yield sampled[i], logprobs[i], i < accepted
+                if ntoks == max_tokens:
+                    return
 
 
 def stream_prompt_lookup(
@@ -124,34 +126,29 @@ def stream_prompt_lookup(
 ) -> Iterator[GenerationResponse]:
     """``stream_generate`` with prompt-lookup decoding (kwargs: prompt_lookup_generate_step's)."""
     detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
     prompt = mx.array(prompt)
-    tic = time.perf_counter()
-    n = -1
-    token = logprobs = from_draft = None
-    prompt_tps = 0.0
-    for n, (token, logprobs, from_draft) in enumerate(
-        prompt_lookup_generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
-    ):
-        if n == 0:
-            prompt_tps = prompt.size / (time.perf_counter() - tic)
-            tic = time.perf_counter()
-        if token in tokenizer.eos_token_ids:
-            break
-        detokenizer.add_token(token)
-        if n + 1 == max_tokens:
-            break
-        yield GenerationResponse(
+    n, token, logprobs, from_draft, prompt_tps = -1, None, None, None, 0.0
+
+    def response(finish_reason):
+        return GenerationResponse(
             text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
             prompt_tokens=prompt.size, prompt_tps=prompt_tps, generation_tokens=n + 1,
             generation_tps=(n + 1) / (time.perf_counter() - tic),
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=None,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason,
         )
-    detokenizer.finalize()
-    yield GenerationResponse(
-        text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
-        prompt_tokens=prompt.size, prompt_tps=prompt_tps, generation_tokens=n + 1,
-        generation_tps=(n + 1) / (time.perf_counter() - tic),
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
-    )
+
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        steps = prompt_lookup_generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
+        for n, (token, logprobs, from_draft) in enumerate(steps):
+            if n == 0:
+                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                break
+            yield response(None)
+        detokenizer.finalize()
+        yield response("stop" if token in tokenizer.eos_token_ids else "length")

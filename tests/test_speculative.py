@@ -258,6 +258,22 @@ def test_prompt_lookup_keeps_a_proposal_only_when_it_is_the_sampled_token(defaul
     assert spec == plain
 
 
+def test_prompt_lookup_leaves_the_cache_of_prompt_and_output(default_model):
+    """After prompt-lookup decoding (rollbacks included) the caller's cache is the one of the
+    prompt and every yielded token but the last, as after plain decoding."""
+    from cheems_mlx.speculative import prompt_lookup_generate_step
+
+    model, tokenizer = default_model
+    ids = tokenizer.encode(COPY_HEAVY)
+    cache = make_prompt_cache(model)
+    out = [t for t, _, _ in prompt_lookup_generate_step(mx.array(ids), model, num_draft_tokens=5, max_tokens=25,
+                                                         prompt_cache=cache)]
+    fresh = make_prompt_cache(model)
+    feed(model, fresh, ids + out[:-1])
+    assert_same_caches(cache, fresh)
+    np.testing.assert_allclose(np.array(feed(model, cache, out[-1:])), np.array(feed(model, fresh, out[-1:])), **TOL)
+
+
 def test_propose_takes_the_latest_earlier_occurrence():
     from cheems_mlx.speculative import propose
 
