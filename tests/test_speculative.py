@@ -41,6 +41,7 @@ def tiny_cheems():
     )
     mx.random.seed(5)
     model = Model(args)
+    model.eval()
     mx.eval(model.parameters())
     return model
 
@@ -389,40 +390,34 @@ def test_server_prompt_cache_reuses_a_longer_prompt_within_the_rollback_window(t
 
 
 def test_server_with_a_draft_model_answers_as_plain_greedy(default_model):
-    import subprocess
-    import sys
-    import time
-
     from mlx_lm.generate import stream_generate
-    from test_generation import free_port, post
+    from test_generation import post
 
     from cheems_mlx.loading import resolve_model_path
+    from conftest import served
 
     model, tokenizer = default_model
     prompts = [VERSES, VERSES, VERSES[:-20] + " and God saw"]  # exact reuse, then a trimmed longer prompt
     expected = ["".join(r.text for r in stream_generate(model, tokenizer, tokenizer.encode(p), max_tokens=12))
                 for p in prompts]
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cheems_mlx.server", "--port", str(port),
-         "--draft-model", str(resolve_model_path(None)), "--num-draft-tokens", "3"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                import socket
-
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start: {proc.stderr.read()}")
-                time.sleep(0.5)
+    default = resolve_model_path(None)
+    with served(default, "--draft-model", default, "--num-draft-tokens", "3") as port:
         for p, exp in zip(prompts, expected):
             got = post(port, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0})
             assert got["choices"][0]["text"] == exp
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+
+def test_rollback_with_the_metal_kernels_on_the_emulator(tiny_cheems):
+    """With the kernels on: prefill and decode take the kernels, a verification call the ops
+    path with every state kept; a short first call takes the scan kernel (not kept)."""
+    from metal_emulator import make_factory
+
+    from cheems_mlx import kernels
+
+    rng = np.random.default_rng(9)
+    tokens = rng.integers(0, 128, 30).tolist()
+    with kernels.backend(make_factory(schedule="inorder")):
+        rollback_case(tiny_cheems, tokens[:20], tokens[20:26], 2, [1, 5])
+        cache = make_prompt_cache(tiny_cheems)
+        feed(tiny_cheems, cache, tokens[:4])
+        assert cache[0].trimmable_tokens() == 0
