@@ -214,6 +214,14 @@ def test_draft_model_decoding_equals_greedy_on_the_default_model(default_model, 
         assert accepted >= 20
 
 
+def test_draft_model_decoding_from_a_one_token_prompt(default_model, random_draft):
+    """The first call is then the verification itself, on an empty cache."""
+    model, tokenizer = default_model
+    plain, _ = greedy_tokens(model, tokenizer, [1], 20)
+    spec, _ = greedy_tokens(model, tokenizer, [1], 20, draft_model=random_draft, num_draft_tokens=4)
+    assert spec == plain
+
+
 def test_draft_model_decoding_equals_greedy_on_a_doge(default_model, doge_4096, random_draft):
     _, tokenizer = default_model
     ids = tokenizer.encode(FREE)
