@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+# before anything imports mlx.core: put a fast CBLAS in front of the mlx[cpu] wheel's reference one
+from . import blas as _blas  # noqa: E402
+
+_blas.select()
+
 from .model import Model, ModelArgs  # noqa: E402
 
 __all__ = ["Model", "ModelArgs", "load", "__version__"]

@@ -14,7 +14,8 @@ proposed tokens vs mlx-lm's draft-model decoding, on copy-heavy and free text: d
 tokens/s, the share of tokens accepted from proposals and whether the tokens equal plain's).
 
 Ratios, not absolute times, are what to compare across machines. On Linux the run
-reports whether OpenBLAS is preloaded (MLX's float32 matmuls go through cblas there).
+reports which BLAS MLX's float32 matmuls go through (``cheems_mlx.blas``: found and loaded
+by the package itself, no ``LD_PRELOAD``).
 """
 
 import argparse
@@ -30,21 +31,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import blas
 from .plots import line_plot
 
 SUITES = ("experts", "decode", "prefill", "attention", "ssd", "kernels", "speculative", "all")
 
 
 def machine() -> dict:
-    preload = os.environ.get("LD_PRELOAD", "")
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "device": str(mx.default_device()),
         "mlx": mx.__version__,
-        "blas": "OpenBLAS (LD_PRELOAD)" if "openblas" in preload else
-                ("Accelerate" if sys.platform == "darwin" else "MLX's bundled reference BLAS"),
+        "blas": blas.in_use().split(" (")[0],
     }
 
 

@@ -15,7 +15,7 @@ import time
 
 import mlx.core as mx
 
-from . import distributed, numerics
+from . import blas, distributed, numerics
 from .cli import add_dist_timeout, run_cli
 
 DEFAULT_PROMPT = "In the beginning"
@@ -248,6 +248,7 @@ def run(a) -> int:
             print(f"Speculative: {accepted} of {response.generation_tokens} tokens accepted from proposals",
                   file=sys.stderr)
         print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
+        print(f"BLAS: {blas.in_use()}", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
+import cheems_mlx  # noqa: F401  (first: it puts a fast BLAS in front of MLX's, cheems_mlx/blas.py)
 import mlx.core as mx
 import numpy as np
 import pytest
