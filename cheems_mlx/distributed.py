@@ -315,12 +315,14 @@ def sharded_load(
     tokenizer_config: Optional[Dict[str, Any]] = None,
     return_config: bool = False,
     revision: Optional[str] = None,
+    dtype: Optional[str] = None,
 ):
     """``cheems_mlx.load`` for a tensor-parallel run: the weights are loaded lazily, the
     model is split with ``Model.shard``, then only this rank's slices are materialised,
-    one layer at a time (the peak is this rank's share plus one layer's full weights)."""
-    from .loading import (LoadError, is_native, limit_vocabulary, load_folder_tokenizer, load_model_only,
-                          read_config, resolve_model_path)
+    one layer at a time (the peak is this rank's share plus one layer's full weights).
+    ``dtype``: as ``cheems_mlx.load``'s (``loading.compute_dtype``)."""
+    from .loading import (LoadError, compute_dtype, is_native, limit_vocabulary, load_folder_tokenizer,
+                          load_model_only, read_config, resolve_model_path)
 
     group = group or mx.distributed.init()
     path = resolve_model_path(path_or_repo, revision)
@@ -331,6 +333,7 @@ def sharded_load(
         )
     model, config = load_model_only(path, lazy=True)
     model.shard(group)
+    compute_dtype(model, dtype or "auto")
     for layer in model.layers:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())

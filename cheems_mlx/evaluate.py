@@ -51,7 +51,7 @@ def text_tokens(tokenizer, path: Path) -> np.ndarray:
 
 def main(argv=None) -> int:
     from .cli import run_cli
-    from .loading import LoadError, load
+    from .loading import COMPUTE_DTYPES, LoadError, load
 
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.evaluate", description="held-out perplexity")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: embedded model)")
@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=0, help="0 = all")
     p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="what the weights compute in (default: float32 on the CPU backend, as stored on Metal)")
     a = p.parse_args(argv)
 
     def body():

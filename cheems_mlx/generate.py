@@ -22,6 +22,8 @@ DEFAULT_PROMPT = "In the beginning"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loading import COMPUTE_DTYPES
+
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.generate", description="Generate text with a Cheems / Doge model.")
     p.add_argument("--model", type=str, default=None, help="converted model folder or Hub repo id (default: the embedded model)")
     p.add_argument("--adapter-path", type=str, default=None, help="LoRA adapter folder")
@@ -51,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "occurrence of the current n-gram in prompt + output (no draft model)")
     p.add_argument("--prompt-lookup-ngram", type=int, default=3, help="n-gram size for --prompt-lookup")
     p.add_argument("--extra-eos-token", type=str, nargs="+", default=())
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                   help="compute dtype (default: the stored one; a float16 model that overflows float16 "
-                        "is computed in a wider dtype, with a note)")
-    p.add_argument("--verbose", action="store_true", help="print prompt / generation speed and peak memory")
+    p.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="what the weights compute in (default auto: float32 on the CPU backend for "
+                        "half-precision weights, the stored dtype on Metal; a float16 model that overflows "
+                        "float16 is computed in a wider dtype, with a note; 'stored' keeps the stored one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print prompt / generation speed, peak memory, the BLAS and the compute dtype")
     add_dist_timeout(p)
     return p
 
@@ -159,7 +163,7 @@ def run(a) -> int:
             raise UsageError("--prompt-cache-file is not supported by sharded generation")
         if a.draft_model is not None or a.prompt_lookup is not None:
             raise UsageError("speculative decoding is not supported by sharded generation")
-        model, tokenizer, config = distributed.sharded_load(model_ref, group, return_config=True)
+        model, tokenizer, config = distributed.sharded_load(model_ref, group, return_config=True, dtype=a.dtype)
         # sampling must agree on every rank: rank 0's seed for all
         mx.random.seed(distributed.share_object(a.seed if a.seed is not None else int(time.time_ns() % 2**31), group))
     else:
@@ -249,6 +253,8 @@ def run(a) -> int:
                   file=sys.stderr)
         print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
         print(f"BLAS: {blas.in_use()}", file=sys.stderr)
+        print(f"dtype: {getattr(model, 'dtype_note', '') or numerics.dtype_name(numerics.model_dtype(model))}",
+              file=sys.stderr)
     return 0
 
 

@@ -5,7 +5,9 @@ weights, lazy loading and tokenizer wrapping come from there); only the model cl
 are ours, passed in directly so no ``--trust-remote-code`` is needed. An unconverted
 PyTorch checkpoint folder is read in memory by ``convert/checkpoint.py``; adapters are
 applied by ``cheems_mlx.adapters``. Sharded (multi-rank) loading is
-``cheems_mlx.distributed.sharded_load``.
+``cheems_mlx.distributed.sharded_load``. The dtype a loaded model computes in is decided
+here too (``compute_dtype``: float32 on the CPU backend for half-precision weights, the
+stored dtype on Metal).
 """
 
 import contextlib
@@ -14,12 +16,17 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .convert.formats import is_native
+from .io import DTYPES
 from .model import Model, ModelArgs
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+COMPUTE_DTYPES = ("auto", "stored") + DTYPES
+HALF = (mx.float16, mx.bfloat16)
 
 
 class LoadError(RuntimeError):
@@ -94,6 +101,42 @@ def load_model_only(path: Path, lazy: bool = False, model_config: Optional[dict]
         )
     except (FileNotFoundError, ValueError) as e:
         raise LoadError(f"could not load the weights in {path}: {e}") from None
+
+
+def compute_dtype(model, dtype: str = "auto") -> str:
+    """Cast ``model``'s floating parameters (in place, lazily) to the dtype it should compute
+    in; returns a one-line note of what changed and its memory cost ('' when nothing did).
+
+    ``auto``: on the CPU backend, half-precision (float16 / bfloat16) weights are computed in
+    float32 -- MLX's CPU half-precision matmuls are ~3x slower than float32 ones through a
+    BLAS -- at the cost of twice their bytes in memory; on Metal (or any GPU) the stored dtype
+    stays. ``stored``: as stored. ``float32`` / ``float16`` / ``bfloat16``: that dtype (the
+    parameters ``Model.cast_predicate`` keeps in float32 stay float32). Quantized weights stay
+    quantized (their float scales follow the rule)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}; expected one of {COMPUTE_DTYPES}")
+    params = [(k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    if dtype == "auto":
+        on_cpu = mx.default_device() == mx.cpu
+        target = mx.float32 if on_cpu and any(v.dtype in HALF for _, v in params) else None
+    else:
+        target = None if dtype == "stored" else getattr(mx, dtype)
+    castable = getattr(model, "cast_predicate", lambda k: True)
+    changed = [(k, v, target if target == mx.float32 or castable(k) else mx.float32)
+               for k, v in params if target is not None]
+    changed = [(k, v, t) for k, v, t in changed if v.dtype != t]
+    model.dtype_note = ""  # what generate --verbose prints
+    if not changed:
+        return ""
+    model.update(tree_unflatten([(k, v.astype(t)) for k, v, t in changed]))
+    before = sum(v.nbytes for _, v in params)
+    after = before + sum(v.size * (t.size - v.dtype.size) for _, v, t in changed)
+    stored = "/".join(sorted({str(v.dtype).split(".")[-1] for _, v, _ in changed}))
+    why = " on the CPU backend" if dtype == "auto" else ""
+    hint = " (--dtype stored keeps them)" if dtype == "auto" else ""
+    model.dtype_note = (f"{stored} weights computed in {str(target).split('.')[-1]}{why}: "
+                        f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB{hint}")
+    return model.dtype_note
 
 
 @contextlib.contextmanager
@@ -171,15 +214,16 @@ def load(
     ``path_or_repo``: a converted folder, an unconverted PyTorch checkpoint folder
     (official Cheems, transformers Doge, legacy Doge -- mapped in memory exactly as the
     converter does), or a Hub repo id; ``None`` loads the embedded default model.
-    ``dtype`` (float16 / bfloat16 / float32): compute in that dtype. Without it a float16
-    model whose activations overflow float16 (checked once on a probe text, adapters
-    included; ``cheems_mlx.numerics``) is computed in a wider dtype, with a note.
+    ``dtype``: what the weights compute in. By default (``None`` / ``"auto"``) and with
+    ``"stored"``, a float16 model whose activations overflow float16 (checked once on a probe
+    text, adapters included; ``cheems_mlx.numerics``) is computed in a wider dtype, with a
+    note; then by default half-precision weights are computed in float32 on the CPU backend
+    and kept on Metal (``compute_dtype``). float16 / bfloat16 / float32: that dtype.
     """
     from . import numerics
-    from .io import cast_model
 
-    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
-        raise LoadError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}; expected one of {COMPUTE_DTYPES}")
     path = resolve_model_path(path_or_repo, revision)
     native = is_native(read_config(path))
     if native:
@@ -195,10 +239,9 @@ def load(
             raise LoadError(str(e)) from None
     tokenizer = load_folder_tokenizer(path, tokenizer_config, config.get("eos_token_id"), native)
     limit_vocabulary(model, tokenizer)
-    if dtype is not None:
-        cast_model(model, dtype)
-    elif not lazy:
+    if dtype in (None, "auto", "stored") and not lazy:
         numerics.ensure_safe_dtype(model, tokenizer)
+    compute_dtype(model, dtype or "auto")
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

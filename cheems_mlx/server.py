@@ -16,7 +16,8 @@ rank 0 answers HTTP; here the model is then loaded shard by shard
 (``cheems_mlx.distributed.sharded_load``), every loop iteration is reported to the
 watchdog, and a rank whose generation loop fails (another rank died) exits with a
 one-line error instead of serving errors forever. ``--dist-timeout SECONDS`` (or
-``CHEEMS_DIST_TIMEOUT``) bounds how long a rank waits for the others.
+``CHEEMS_DIST_TIMEOUT``) bounds how long a rank waits for the others. ``--dtype`` (ours too)
+sets what the weights compute in, as in ``cheems_mlx.generate``.
 """
 
 import copy
@@ -42,12 +43,16 @@ class RollbackPromptCache(LRUPromptCache):
             return None, tokens
 
 
+DTYPE = "auto"  # --dtype (loading.compute_dtype): float32 on the CPU backend, as stored on Metal
+
+
 def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=False, **_):
     from .loading import load
 
     if model_path in (None, "default_model"):
         model_path = None
-    return load(model_path, tokenizer_config=tokenizer_config, adapter_path=adapter_path, return_config=return_config)
+    return load(model_path, tokenizer_config=tokenizer_config, adapter_path=adapter_path, return_config=return_config,
+                dtype=DTYPE)
 
 
 def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=False, tokenizer_config=None, **_):
@@ -58,7 +63,8 @@ def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=Fa
                                "run without it (the model is split by heads, experts and vocabulary)")
     if repo in (None, "default_model"):
         repo = None
-    return sharded_load(repo, tensor_group, tokenizer_config=tokenizer_config, return_config=return_config)
+    return sharded_load(repo, tensor_group, tokenizer_config=tokenizer_config, return_config=return_config,
+                        dtype=DTYPE)
 
 
 def _pop_flag(argv, name):
@@ -108,7 +114,10 @@ def main(argv=None):
     from .loading import LoadError, resolve_model_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    global DTYPE
     argv, timeout = _pop_flag(argv, "--dist-timeout")
+    argv, dtype = _pop_flag(argv, "--dtype")
+    DTYPE = dtype or DTYPE
     sys.argv = [sys.argv[0]] + argv
     if "--model" not in sys.argv:
         try:  # fail now, not at the first request

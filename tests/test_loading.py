@@ -107,3 +107,36 @@ def test_a_folder_without_tokenizer_files_is_one_clear_line(hf_dir, tmp_path):
                            "--prompt", "x"], capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "has no tokenizer" in lines[0], proc.stderr
+
+
+def test_half_precision_weights_compute_in_float32_on_the_cpu():
+    import cheems_mlx
+    from mlx.utils import tree_flatten
+
+    stored, _ = cheems_mlx.load(dtype="stored")  # the embedded model is float16 on disk
+    auto, _ = cheems_mlx.load()
+    stored_p, auto_p = dict(tree_flatten(stored.parameters())), dict(tree_flatten(auto.parameters()))
+    assert any(v.dtype == mx.float16 for v in stored_p.values())
+    assert all(v.dtype == mx.float32 for v in auto_p.values())
+    for k, v in stored_p.items():  # the same numbers, exactly: float16 -> float32 is lossless
+        assert np.array_equal(np.array(v.astype(mx.float32)), np.array(auto_p[k])), k
+    ids = mx.array([[1, 50, 300, 7, 9]])
+    assert max_rel_err(np.array(auto(ids)), np.array(stored(ids).astype(mx.float32))) < 2e-2
+
+
+def test_explicit_dtype_and_metal_keep_what_is_asked(monkeypatch):
+    from mlx.utils import tree_flatten
+
+    from cheems_mlx import loading
+
+    model, _ = loading.load(dtype="float32")
+    note = loading.compute_dtype(model, "float16")
+    params = dict(tree_flatten(model.parameters()))
+    assert "float32 weights computed in float16" in note
+    # the parameters Model.cast_predicate protects stay float32, the rest follow the request
+    assert all((v.dtype == mx.float32) == (k.endswith(".A") or k.endswith(".keys")) for k, v in params.items())
+    monkeypatch.setattr(loading.mx, "default_device", lambda: mx.gpu)  # as on a Mac: keep the stored dtype
+    assert loading.compute_dtype(model, "auto") == ""
+    assert dict(tree_flatten(model.parameters()))["model.word_embed.weight"].dtype == mx.float16
+    with pytest.raises(loading.LoadError):
+        loading.compute_dtype(model, "float64")
