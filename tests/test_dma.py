@@ -406,3 +406,42 @@ def test_left_padded_rows_match_unpadded_rows(case):
     for row, pad in enumerate(pads):
         alone = dma_ref(w, cfg, x[row : row + 1, pad:])
         assert_close(out[row, pad:], alone[0])
+
+
+LONG_PROMPT_RULES = {
+    "keep_window": dict(Hkv=2, qk_norm=True, W=100),
+    "keep_window_sliding": dict(Hkv=2, W=100, sliding_window=150),
+    "cheems_ratio": dict(Hkv=2, mask_heads="attention", rule="cheems_ratio", r=0.3),
+    "legacy_ratio": dict(Hkv=2, rule="legacy_ratio", W=100, r=0.5),
+    "hard": dict(Hkv=4, mask_heads="attention", rule="hard"),
+}
+
+
+@pytest.mark.parametrize("case", LONG_PROMPT_RULES)
+def test_prefill_in_query_blocks_equals_the_whole_mask(case, monkeypatch):
+    """The ops path builds the mask one block of query rows at a time: exact, because the
+    ratio rules select over all T keys whatever the rows and keep_window's top-W is per row.
+    A 600-token prompt (blocks of 64, the last one partial), whole and through a cache in two
+    steps, against the float64 reference and against one mask of all the rows."""
+    from cheems_mlx import dma
+
+    layer, w, cfg = make_dma(**LONG_PROMPT_RULES[case])
+    # half-unit activations keep the 600-key scores O(1), so float32 rounding stays within RTOL_F32
+    x = (0.5 * np.random.default_rng(5).normal(size=(1, 600, D))).astype(np.float32)
+
+    def run():
+        whole = np.array(layer(mx.array(x)))
+        cache = CacheList(KVCache(), KVCache())
+        first = layer(mx.array(x[:, :350]), cache)
+        return whole, np.concatenate([np.array(first), np.array(layer(mx.array(x[:, 350:]), cache))], axis=1)
+
+    monkeypatch.setattr(dma, "QUERY_BLOCK", 64)
+    blocked, blocked_cached = run()
+    monkeypatch.setattr(dma, "QUERY_BLOCK", 10**6)
+    unblocked, unblocked_cached = run()
+    ref = dma_ref(w, cfg, x)
+    assert_close(blocked, ref)
+    if cfg["rule"] == "keep_window":  # the other rules see other keys in a 350-token first step
+        assert_close(blocked_cached, ref)
+    assert_close(blocked, unblocked, rtol=1e-6)
+    assert_close(blocked_cached, unblocked_cached, rtol=1e-6)
