@@ -319,6 +319,93 @@ def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, thread
 
 
 
+def count_ops(*outputs) -> dict:
+    """The primitives MLX would run to evaluate ``outputs`` (their unevaluated graph), by
+    name: read off ``mx.export_to_dot``. A compiled function counts as one."""
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_to_dot(f"{tmp}/g.dot", *outputs)
+        labels = re.findall(r'label ="([^"]+)", shape=rectangle', Path(f"{tmp}/g.dot").read_text())
+    counts = {}
+    for name in labels:
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def step_profile(model, prompt=64, reps=15) -> dict:
+    """One decode step of ``model`` against a ``prompt``-token cache: the MLX operations it
+    runs (by kind), its time, and the time per part, each part evaluated on its own: per
+    layer type ("ssd layer", "attn layer"; with the layers' compiled decode), and per module
+    with compilation off (``CHEEMS_MLX_COMPILE=0``: norms, residuals, mixers, feed-forwards).
+    "rest" is the embedding, the head and the glue. Per-part times include one evaluation
+    each, so they add up to a little more than the step."""
+    from .model import DecoderLayer
+
+    def fresh():
+        cache = model.make_cache()
+        mx.eval(model(mx.arange(3, 3 + prompt)[None] % model.args.vocab_size, cache=cache))
+        return cache
+
+    tok = mx.array([[5]])
+    ops = count_ops(model(tok, cache=fresh()))
+    times = []
+    for cache in [fresh() for _ in range(reps)]:
+        tic = time.perf_counter()
+        mx.eval(model(tok, cache=cache))
+        times.append(time.perf_counter() - tic)
+
+    def parts(name_of: dict) -> dict:
+        """ms per part: ``name_of`` maps module classes to a function naming an instance."""
+        spent, originals, depth = {}, {cls: cls.__call__ for cls in name_of}, [0]
+
+        def timed(cls):
+            def call(self, *args, **kwargs):
+                if depth[0]:
+                    return originals[cls](self, *args, **kwargs)
+                depth[0] += 1
+                tic = time.perf_counter()
+                out = originals[cls](self, *args, **kwargs)
+                mx.eval(out)
+                name = name_of[cls](self)
+                spent.setdefault(name, [0.0] * reps)[rep] += time.perf_counter() - tic
+                depth[0] -= 1
+                return out
+            return call
+
+        per_step, caches = [], [fresh() for _ in range(reps)]
+        try:
+            for cls in name_of:
+                cls.__call__ = timed(cls)
+            for rep, cache in enumerate(caches):
+                tic = time.perf_counter()
+                mx.eval(model(tok, cache=cache))
+                per_step.append(time.perf_counter() - tic)
+        finally:
+            for cls, f in originals.items():
+                cls.__call__ = f
+        ms = {name: 1e3 * statistics.median(v) for name, v in spent.items()}
+        ms["rest"] = 1e3 * statistics.median(per_step) - sum(ms.values())
+        return ms
+
+    by_layer = parts({DecoderLayer: lambda layer: f"{layer.layer_type} layers"})
+    modules = {}
+    for layer in model.layers:
+        modules[type(layer.pre_sequence_layernorm)] = lambda m: "norms"
+        modules[type(layer.post_sequence_residual)] = lambda m: "residuals"
+        modules[type(layer.mixer)] = lambda m: f"{type(m).__name__}"
+        modules[type(layer.feed_forward)] = lambda m: f"feed-forward ({type(m).__name__})"
+    previous = os.environ.get("CHEEMS_MLX_COMPILE")
+    os.environ["CHEEMS_MLX_COMPILE"] = "0"
+    try:
+        by_module = parts(modules)
+    finally:
+        os.environ.pop("CHEEMS_MLX_COMPILE") if previous is None else os.environ.update(CHEEMS_MLX_COMPILE=previous)
+    return {"ops": sum(ops.values()), "ops_by_kind": ops, "step_ms": 1e3 * statistics.median(times),
+            "layers_ms": by_layer, "modules_uncompiled_ms": by_module}
+
+
 def _matrices(model) -> list:
     """The weight matrices one decode step multiplies by: every Linear, plus the tied
     embedding used as the output head."""

@@ -18,6 +18,7 @@ owns the stack only: each layer's math, cache and tensor-parallel split live in 
 module (ssd.py, dma.py, cdmoe.py), and nothing here imports the runtime that runs ranks.
 """
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
@@ -33,6 +34,7 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 
+from . import kernels
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
 from .sharding import DistributedError, shard_vocab
@@ -160,7 +162,24 @@ class Residual(nn.Module):
         return self.weight * residual + update
 
 
+def compiled_decode_enabled(training: bool = False) -> bool:
+    """Whether a decode step (one token, a cache) runs through ``DecoderLayer``'s compiled
+    functions: not training, not on the Metal kernel path (which fuses its own way), and the
+    environment does not say ``CHEEMS_MLX_COMPILE=0``."""
+    return not training and os.environ.get("CHEEMS_MLX_COMPILE", "1") != "0" and not kernels.enabled()
+
+
 class DecoderLayer(nn.Module):
+    """One block. A decode step on the CPU (one token with a cache) runs two ``mx.compile``d
+    functions instead of several hundred small operations: everything before the mixer's
+    cache (norm, projections, q/k norm, RoPE, the DMA key bias -- for SSD the whole
+    recurrence step, whose state is an input and an output) and everything after it
+    (output projection, residuals, norm, MLP / CDMoE routing and mixing). In between only
+    the attention's K/V / bias cache update and the masked attention run eagerly. The
+    compiled functions read the layer's current parameters at each call
+    (``inputs=self.state``), trace once per shape, and compute what the eager path computes
+    (same operations; fused elementwise kernels round alike to float32)."""
+
     def __init__(self, args: ModelArgs, layer_type: str):
         super().__init__()
         self.layer_type = layer_type
@@ -180,8 +199,54 @@ class DecoderLayer(nn.Module):
         return self.ssd if self.layer_type == "ssd" else self.attn
 
     def __call__(self, h: mx.array, cache=None) -> mx.array:
-        h = self.post_sequence_residual(h, self.mixer(self.pre_sequence_layernorm(h), cache))
+        if h.shape[1] == 1 and self.decode_compilable(cache):
+            return self.compiled_decode(h, cache)
+        return self.after_mixer(h, self.mixer(self.pre_sequence_layernorm(h), cache))
+
+    def after_mixer(self, h: mx.array, update: mx.array) -> mx.array:
+        h = self.post_sequence_residual(h, update)
         return self.post_state_residual(h, self.feed_forward(self.pre_state_layernorm(h)))
+
+    def decode_compilable(self, cache) -> bool:
+        if cache is None or not compiled_decode_enabled(self.training):
+            return False
+        rope = self.mixer.rope
+        if rope is not None and rope.kind == "dynamic":  # its base depends on offset.item()
+            return False
+        if self.layer_type == "ssd":  # a settled state and no padding mask to apply
+            return cache[0] is not None and cache[1] is not None and cache.lengths is None \
+                and cache.left_padding is None
+        return True
+
+    def compiled_decode(self, h: mx.array, cache) -> mx.array:
+        fns = self.__dict__.get("_decode_fns")
+        if fns is None:
+            fns = self._build_decode_fns()
+            object.__setattr__(self, "_decode_fns", fns)
+        if self.layer_type == "ssd":
+            offset = cache[1]
+            h, state = fns[0](h, cache[0], offset)
+            self.ssd.store(cache, [state], offset, 1)
+            return h
+        offset = cache[0].offset
+        q, k, v, bias = fns[0](h, offset if isinstance(offset, mx.array) else mx.array(offset))
+        return fns[1](h, self.attn.attend(q, k, v, bias, cache))
+
+    def _build_decode_fns(self):
+        if self.layer_type == "ssd":
+            def step(h, state, offset):  # StateSpaceDuality.__call__ without the cache bookkeeping
+                out, states = self.ssd.mix(self.pre_sequence_layernorm(h), state, offset)
+                return self.after_mixer(h, out), states[-1]
+
+            return (mx.compile(step, inputs=self.state),)
+
+        def before(h, offset):
+            return self.attn.project(self.pre_sequence_layernorm(h), offset)
+
+        def after(h, attended):
+            return self.after_mixer(h, self.attn.o_proj(attended))
+
+        return mx.compile(before, inputs=self.state), mx.compile(after, inputs=self.state)
 
 
 class CheemsModel(nn.Module):

@@ -45,7 +45,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.cache import ArraysCache
 
 from . import kernels
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, rope_cos_sin, rotate_half
 from .sharding import split_inputs_problems
 
 
@@ -185,18 +185,6 @@ def ssd_states(
         states = states + from_start[..., None, None] * state.astype(f32)[:, None]
     y = mx.einsum("bthpn,bthn->bthp", states, C)
     return y, states
-
-
-def rope_cos_sin(rope: RotaryEmbedding, b: int, l: int, n: int, offset) -> mx.array:
-    """(b, l, n) float32 ``[cos | sin]`` of the rotations ``rope`` applies at each row's
-    positions offset .. offset + l - 1 (rotate-half: element i pairs with i + n/2). Read off
-    by rotating e = (1, .., 1, 0, .., 0), so every rope variant (dynamic NTK, llama3, yarn's
-    scale) is whatever the ops path applies; the kernels then rotate B and C themselves."""
-    half = n // 2
-    probe = mx.concatenate([mx.ones((half,), mx.float32), mx.zeros((n - half,), mx.float32)])
-    rows = 1 if isinstance(offset, int) else offset.shape[0]
-    cs = rope(mx.broadcast_to(probe, (rows, 1, l, n)), offset).reshape(rows, l, n)
-    return mx.broadcast_to(cs, (b, l, n))
 
 
 def ssd_step_kernel(x, dt, A, B, C, state, mask=None, cos_sin=None):
@@ -449,10 +437,12 @@ class StateSpaceDuality(nn.Module):
             return y[:, None], state
         return ssd_chunked_scan_kernel(X, dt, self.A, B, C, state, mask, cos_sin)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def mix(self, x: mx.array, state=None, offset=0, mask=None, keep: bool = False, use_kernels: bool = False):
+        """The pure part: x (b, l, d) from state S (b, H, P, N) float32 or None, RoPE
+        positions from ``offset`` (int or (b,)), mask (b, l) bool or None -> (out (b, l, d),
+        the states to keep: the final one, or with ``keep`` the one after every token)."""
         b, l, _ = x.shape
         H, P = self.num_heads, self.head_dim
-        mask = cache.make_mask(l) if cache is not None else None  # (b, l) or None
         if mask is not None:
             x = mx.where(mask[..., None], x, 0)
 
@@ -461,12 +451,6 @@ class StateSpaceDuality(nn.Module):
         X = self.x_proj(x).reshape(b, l, H, P)
         dt = nn.softplus(self.dt_proj(x).astype(mx.float32))  # (b, l, H)
 
-        state = cache[0] if cache is not None else None
-        offset = cache[1] if cache is not None and cache[1] is not None else 0
-        # a short call on a rollback cache keeps the state after each of its tokens (SSDCache),
-        # on the ops path; with the kernels on, a first call (a short prompt) takes the scan kernel
-        use_kernels = kernels.enabled(training=self.training)
-        keep = 1 < l <= getattr(cache, "window", 0) and not (use_kernels and cache.empty())
         out = None
         if use_kernels and not keep:  # RoPE on B and C fused into the kernels
             out = kernels.attempt(self.kernel_path, X, dt, B, C, state, mask, offset)
@@ -474,7 +458,10 @@ class StateSpaceDuality(nn.Module):
             y, state = out
             states = [state]
         else:
-            if self.rope is not None:
+            if self.rope is not None and l == 1:  # decode: one cos / sin for B and C
+                cos_sin = rope_cos_sin(self.rope, b, l, P, offset)[:, :, None, :]  # (b, 1, 1, P)
+                C, B = rotate_half(C, cos_sin), rotate_half(B, cos_sin)
+            elif self.rope is not None:
                 C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
                 B = self.rope(B.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
             if l == 1:
@@ -490,22 +477,39 @@ class StateSpaceDuality(nn.Module):
             else:
                 y, state = ssd_chunked_scan(X, dt, self.A, B, C, self.chunk_size, state, mask)
                 states = [state]
+        return self.out_proj(y.reshape(b, l, H * P).astype(x.dtype)), states
 
-        if cache is not None:
-            # RoPE position after each kept state: advance by each row's true token count
-            offsets = []
-            for k in range(l - len(states) + 1, l + 1):
-                if cache.lengths is not None:  # right-padded batch
-                    advance = mx.clip(cache.lengths, 0, k).astype(mx.int32)
-                else:
-                    advance = mx.full((b,), k, dtype=mx.int32)
-                offsets.append((offset + advance).astype(mx.int32))
-            if isinstance(cache, SSDCache):
-                cache.record(states, offsets, l)
+    @staticmethod
+    def store(cache, states, offset, l: int):
+        """Write the kept states into the cache with the RoPE position after each, advanced by
+        each row's true token count (an SSDCache records them for rollback)."""
+        b = states[-1].shape[0]
+        offsets = []
+        for k in range(l - len(states) + 1, l + 1):
+            if cache.lengths is not None:  # right-padded batch
+                advance = mx.clip(cache.lengths, 0, k).astype(mx.int32)
             else:
-                cache[0], cache[1] = states[-1], offsets[-1]
-            cache.advance(l)
-        return self.out_proj(y.reshape(b, l, H * P).astype(x.dtype))
+                advance = mx.full((b,), k, dtype=mx.int32)
+            offsets.append((offset + advance).astype(mx.int32))
+        if isinstance(cache, SSDCache):
+            cache.record(states, offsets, l)
+        else:
+            cache[0], cache[1] = states[-1], offsets[-1]
+        cache.advance(l)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        l = x.shape[1]
+        mask = cache.make_mask(l) if cache is not None else None  # (b, l) or None
+        state = cache[0] if cache is not None else None
+        offset = cache[1] if cache is not None and cache[1] is not None else 0
+        # a short call on a rollback cache keeps the state after each of its tokens (SSDCache),
+        # on the ops path; with the kernels on, a first call (a short prompt) takes the scan kernel
+        use_kernels = kernels.enabled(training=self.training)
+        keep = 1 < l <= getattr(cache, "window", 0) and not (use_kernels and cache.empty())
+        out, states = self.mix(x, state, offset, mask, keep, use_kernels)
+        if cache is not None:
+            self.store(cache, states, offset, l)
+        return out
 
     def shard_problems(self, N: int) -> List[str]:
         """What prevents splitting this layer over N ranks (empty when it can be split)."""

@@ -147,3 +147,40 @@ def test_quantized_kv_cache_stays_close_to_the_float_forward():
     assert type(cache[1][0]).__name__ == "QuantizedKVCache"
     assert np.abs(got - ref).max() <= 5e-2 * max(1.0, np.abs(ref).max())
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    "overrides, cache_kw",
+    [
+        ({}, {}),
+        ({"is_moe": True, "moe_router": "router_gate", "dynamic_mask_heads": "attention"}, {}),
+        ({"is_moe": False, "num_key_value_heads": 1}, {"max_kv_size": 16}),
+        ({"num_attention_heads": 2, "num_key_value_heads": 1}, {"kv_bits": 8, "kv_group_size": 32}),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 20}, {}),
+    ],
+    ids=["hybrid", "router-gate", "rotating-cache", "quantized-kv", "dynamic-rope-eager"],
+)
+def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, monkeypatch):
+    """A decode step runs through DecoderLayer's mx.compile'd functions; the same steps with
+    CHEEMS_MLX_COMPILE=0 (every operation eager) give the same logits to float32 rounding,
+    also after the parameters change (the compiled functions read them at each call)."""
+    args = hybrid_args(**overrides)
+    model = random_model(args, seed=3)
+    model.eval()  # as cheems_mlx.load returns it (training mode never compiles)
+    ids = mx.random.randint(0, args.vocab_size, (2, 26))
+
+    def decode(compiled):
+        monkeypatch.setenv("CHEEMS_MLX_COMPILE", "1" if compiled else "0")
+        cache = model.make_cache(**cache_kw)
+        model(ids[:, :10], cache=cache)
+        out = [model(ids[:, t : t + 1], cache=cache) for t in range(10, 18)]
+        layer = model.layers[0]
+        layer.pre_state_layernorm.weight = layer.pre_state_layernorm.weight * 1.5  # as a fine-tune would
+        out += [model(ids[:, t : t + 1], cache=cache) for t in range(18, 26)]
+        layer.pre_state_layernorm.weight = layer.pre_state_layernorm.weight / 1.5
+        return np.array(mx.concatenate(out, axis=1))
+
+    eager, compiled = decode(False), decode(True)
+    took_compiled = all("_decode_fns" in layer.__dict__ for layer in model.layers)
+    assert took_compiled == (args.rope_scaling is None)
+    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
