@@ -5,9 +5,10 @@ Suites: ``experts`` (CDMoE vs a classic full-softmax-router MoE over the same ra
 experts vs mlx-lm's SwitchGLU); ``ssd`` (the chunked scan vs the token recurrence vs
 mlx-lm's ``ssm_attn`` at equal shapes, and a chunk-size sweep); ``attention`` (the DMA
 ops path with keep-window W against dense causal attention: prefill and decode with a
-long cache); ``decode`` / ``prefill`` (one run: cheems_mlx through mlx-lm's generation
-loop vs transformers on the same converted checkpoint vs mlx-lm's Llama of the same size,
-and the memory-bandwidth floor, with a profile of where the time goes); ``kernels`` (each
+long cache); ``decode`` / ``prefill`` (one run: a converted 55M Doge through mlx-lm's generation
+loop vs transformers' cached forward loop on the same checkpoint, the memory-bandwidth
+floor, the default model through the generate CLI and its LoRA tokens/s, with a profile
+of where the time goes: ``step_profile`` counts a decode step's operations); ``kernels`` (each
 module with its Metal kernels against its ops path, on a Mac; elsewhere it says it cannot);
 ``speculative`` (the default model: plain greedy decoding vs prompt-lookup decoding with N
 proposed tokens vs mlx-lm's draft-model decoding, on copy-heavy and free text: decode
@@ -210,15 +211,84 @@ def measure_bandwidth(mib=512) -> float:
     return 2 * src.nbytes / min(min(best), t_mlx)
 
 
-def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, threads=None):
-    """cheems_mlx (a transformers Doge of ~60M parameters, converted) through mlx-lm's
-    generate_step, against transformers' generate on the same checkpoint (PyTorch CPU,
-    same thread count) and mlx-lm's Llama of the same size; float32, greedy."""
+DOGE_55M = dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=16,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                tie_word_embeddings=True, attn_implementation="sdpa")
+
+
+HF_CACHED_LOOP = r"""
+import json, sys, time
+import numpy as np, torch
+from transformers import DogeForCausalLM
+path, prompt, new_tokens, reps, threads = sys.argv[1], *map(int, sys.argv[2:])
+torch.set_num_threads(threads)
+hf = DogeForCausalLM.from_pretrained(path).eval()
+ids = torch.tensor(np.random.default_rng(0).integers(3, 32768, prompt))[None]
+runs = []
+with torch.no_grad():
+    for rep in range(reps + 1):  # the first is a warm-up
+        tic = time.perf_counter()
+        res = hf(ids, use_cache=True)
+        tok = res.logits[:, -1:].argmax(-1)
+        first = time.perf_counter()
+        cache = res.past_key_values
+        for _ in range(new_tokens - 1):
+            res = hf(tok, past_key_values=cache, use_cache=True)
+            cache, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+        end = time.perf_counter()
+        if rep:
+            runs.append((prompt / (first - tic), (new_tokens - 1) / (end - first)))
+print(json.dumps(runs))
+"""
+
+
+def generate_cli_tps(max_tokens=128, prompt="And God said", extra=()) -> dict:
+    """The default model through ``python -m cheems_mlx.generate --verbose`` in a fresh
+    process, as a user runs it (no LD_PRELOAD): its reported prompt / generation tok/s."""
+    import re
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-m", "cheems_mlx.generate", "--prompt", prompt, "--max-tokens",
+                          str(max_tokens), "--verbose", *extra], capture_output=True, text=True, env=env, timeout=600)
+    found = dict(re.findall(r"^(Prompt|Generation): \d+ tokens, ([\d.]+) tokens-per-sec", out.stderr, re.M))
+    if "Generation" not in found:
+        raise RuntimeError(f"generate failed: {out.stderr[-2000:]}")
+    return {"prefill_tps": float(found["Prompt"]), "decode_tps": float(found["Generation"])}
+
+
+def lora_tps(iters=20) -> float:
+    """LoRA fine-tuning tokens/s of the default model on the example completion data
+    (``python -m cheems_mlx.lora``, fresh process, no LD_PRELOAD): the last report's."""
+    import re
+    import subprocess
+    import tempfile
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "lora" / "data" / "completion"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-m", "cheems_mlx.lora", "--train", "--data", str(data), "--iters",
+                              str(iters), "--steps-per-report", str(iters // 2), "--adapter-path", tmp],
+                             capture_output=True, text=True, env=env, timeout=900)
+    rates = re.findall(r"Tokens/sec ([\d.]+)", out.stdout + out.stderr)
+    if not rates:
+        raise RuntimeError(f"lora failed: {(out.stdout + out.stderr)[-2000:]}")
+    return float(rates[-1])
+
+
+def suite_generation(out: Path, prompts=(512, 2048), new_tokens=64, reps=3, threads=None):
+    """A fresh random transformers Doge of ~55M parameters (16 layers, d 512, 4/2 heads,
+    32k tied vocabulary) converted with cheems_mlx.convert (float32) and run through mlx-lm's
+    generate_step (the loop users get), against transformers' own cached forward loop on the
+    same checkpoint (prefill forward, then one forward per token with its KV cache: no
+    ``generate`` overhead; PyTorch CPU, same thread count); the memory-bandwidth floor
+    (every decode step reads all weights and the K/V cache once); the embedded default model
+    through the generate CLI against its float32 floor; LoRA tokens/s of the default model;
+    then where the time goes. Each measurement is run ``reps`` times: medians."""
     import tempfile
 
     import numpy as np
     from mlx_lm.generate import generate_step
-    from mlx_lm.models import llama
 
     try:
         import torch
@@ -227,9 +297,7 @@ def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, thread
         raise SystemExit(f"the decode / prefill suites need torch and transformers: {e}")
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
-    cfg = dict(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-               tie_word_embeddings=True, attn_implementation="sdpa")
+    cfg = DOGE_55M
     torch.manual_seed(0)
     hf = DogeForCausalLM(DogeConfig(**cfg)).eval()
     with torch.no_grad():
@@ -237,86 +305,110 @@ def suite_generation(out: Path, prompts=(128, 512, 2048), new_tokens=128, thread
             if n.endswith("self_attn.A"):
                 p_.copy_(torch.randn(p_.shape))
     n_params = sum(p_.numel() for p_ in hf.parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(f"{tmp}/hf")
-        from .loading import load_model_only
-        from .convert.convert import convert
+    workdir = tempfile.TemporaryDirectory()
+    tmp = workdir.name
+    hf.save_pretrained(f"{tmp}/hf")
+    from .convert.convert import convert
+    from .loading import load_model_only
 
-        convert(f"{tmp}/hf", f"{tmp}/mlx", dtype="float32", verbose=False)
-        ours, _ = load_model_only(Path(f"{tmp}/mlx"))
-    largs = llama.ModelArgs(model_type="llama", hidden_size=512, num_hidden_layers=8, intermediate_size=2048,
-                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=32768,
-                            tie_word_embeddings=True)
-    lm = llama.Model(largs)
-    mx.eval(lm.parameters(), ours.parameters())
+    convert(f"{tmp}/hf", f"{tmp}/mlx", dtype="float32", verbose=False)
+    ours, _ = load_model_only(Path(f"{tmp}/mlx"))
+    mx.eval(ours.parameters())
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
     bandwidth = measure_bandwidth()
 
-    def mlx_run(model, prompt):
+    def mlx_run(prompt):
         ids = mx.array(np.random.default_rng(0).integers(3, 32768, prompt))
         tic = time.perf_counter()
-        first = None
-        n = 0
-        for tok, _ in generate_step(ids, model, max_tokens=new_tokens):
+        first, n = None, 0
+        for tok, _ in generate_step(ids, ours, max_tokens=new_tokens):
             if first is None:
                 first = time.perf_counter()
             n += 1
         end = time.perf_counter()
         return prompt / (first - tic), (n - 1) / (end - first)
 
-    def hf_run(prompt):
-        ids = torch.tensor(np.random.default_rng(0).integers(3, 32768, prompt))[None]
-        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-        with torch.no_grad():
-            tic = time.perf_counter()
-            hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-            first = time.perf_counter() - tic
-            tic = time.perf_counter()
-            hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            total = time.perf_counter() - tic
-        return prompt / first, (new_tokens - 1) / max(total - first, 1e-9)
+    def hf_run(prompt):  # medians of a separate process: MLX's BLAS threads stay out of torch's way
+        import subprocess
+
+        out = subprocess.run([sys.executable, "-c", HF_CACHED_LOOP, f"{tmp}/hf", str(prompt), str(new_tokens),
+                              str(reps), str(threads)], capture_output=True, text=True, check=True)
+        runs = json.loads(out.stdout.strip().splitlines()[-1])
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+    def median_of(fn):
+        runs = [fn() for _ in range(reps)]
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
     rows = []
+    mlx_run(16)  # warm-up (compilation)
     for prompt in prompts:
-        mlx_run(ours, 16)  # warm-up
-        for name, fn in (("cheems_mlx", lambda: mlx_run(ours, prompt)),
-                         ("transformers (torch CPU)", lambda: hf_run(prompt)),
-                         ("mlx-lm llama", lambda: mlx_run(lm, prompt))):
+        for name, fn in (("cheems_mlx", lambda: median_of(lambda: mlx_run(prompt))),
+                         ("transformers (torch CPU, cached forward loop)", lambda: hf_run(prompt))):
             pre, dec = fn()
-            rows.append({"prompt": prompt, "system": name, "prefill_tps": pre, "decode_tps": dec})
-            print(f"prompt {prompt:>5} {name:>26}: prefill {pre:9.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
-        # the floor: every decode step reads all weights and the K/V cache (fp32) once
+            rows.append({"model": "Doge 55M", "prompt": prompt, "system": name, "prefill_tps": pre,
+                         "decode_tps": dec})
+            print(f"prompt {prompt:>5} {name:>46}: prefill {pre:9.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
         kv_bytes = 4 * (prompt + new_tokens // 2) * 2 * cfg["num_key_value_heads"] * (512 // 4) * cfg["num_hidden_layers"]
-        rows.append({"prompt": prompt, "system": "bandwidth floor", "decode_tps": bandwidth / (weight_bytes + kv_bytes)})
+        rows.append({"model": "Doge 55M", "prompt": prompt, "system": "bandwidth floor",
+                     "decode_tps": bandwidth / (weight_bytes + kv_bytes)})
     for r in rows:
-        base = next(x for x in rows if x["prompt"] == r["prompt"] and x["system"] == "transformers (torch CPU)")
-        r["decode_vs_transformers"] = r["decode_tps"] / base["decode_tps"]
+        base = next(x for x in rows if x["prompt"] == r["prompt"] and x["system"].startswith("transformers"))
         floor = next(x for x in rows if x["prompt"] == r["prompt"] and x["system"] == "bandwidth floor")
+        r["decode_vs_transformers"] = r["decode_tps"] / base["decode_tps"]
         r["decode_of_floor"] = r["decode_tps"] / floor["decode_tps"]
         if "prefill_tps" in r:
             r["prefill_vs_transformers"] = r["prefill_tps"] / base["prefill_tps"]
-    profile = profile_generation(ours, lm, hf)
-    result = {"suite": "decode+prefill", "machine": machine(), "dtype": "float32", "threads": threads,
+
+    from .loading import load
+
+    default, _ = load(dtype="float32")
+    default_bytes = sum(v.nbytes for _, v in tree_flatten(default.parameters()))
+    cli = [generate_cli_tps() for _ in range(reps)]
+    default_row = {"model": "default (8.8M, float32 as computed)", "prompt": 4, "system": "cheems_mlx.generate CLI",
+                   "prefill_tps": statistics.median(c["prefill_tps"] for c in cli),
+                   "decode_tps": statistics.median(c["decode_tps"] for c in cli),
+                   "floor_tps": bandwidth / default_bytes}
+    default_row["decode_of_floor"] = default_row["decode_tps"] / default_row["floor_tps"]
+    print(f"default model via the CLI: decode {default_row['decode_tps']:.1f} tok/s, floor "
+          f"{default_row['floor_tps']:.0f} tok/s ({default_row['decode_of_floor']:.0%})", flush=True)
+    lora = statistics.median(lora_tps() for _ in range(reps))
+    print(f"default model LoRA: {lora:.0f} tokens/s", flush=True)
+    step = step_profile(default)
+    profile = profile_generation(ours, hf)
+    workdir.cleanup()
+    result = {"suite": "decode+prefill", "machine": machine(), "dtype": "float32", "threads": threads, "reps": reps,
               "parameters": n_params, "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth / 1e9,
-              "new_tokens": new_tokens, "config": cfg, "rows": rows, "profile": profile}
+              "new_tokens": new_tokens, "config": cfg, "rows": rows, "default_model": default_row,
+              "lora_tokens_per_second": lora, "default_step": step, "profile": profile}
     (out / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Machine: {result['machine']['platform']}, {threads} threads, BLAS: {result['machine']['blas']}, "
-             f"float32; transformers Doge {n_params / 1e6:.1f}M parameters (d 512, 8 layers, vocab 32768, tied), "
-             f"{new_tokens} generated tokens; copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
+             f"float32, no LD_PRELOAD; medians of {reps} runs. A fresh random transformers Doge of "
+             f"{n_params / 1e6:.1f}M parameters (d 512, 16 layers, 4/2 heads, vocab 32768, tied), "
+             f"{new_tokens} greedy tokens; copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
              "| prompt | system | prefill tok/s | x transformers | decode tok/s | x transformers | of floor |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         pre = f"{r['prefill_tps']:.0f} | {r['prefill_vs_transformers']:.2f}" if "prefill_tps" in r else "-- | --"
         lines.append(f"| {r['prompt']} | {r['system']} | {pre} | {r['decode_tps']:.1f} | "
                      f"{r['decode_vs_transformers']:.2f} | {r['decode_of_floor']:.2f} |")
-    lines += ["", "Where the time goes (decode against a 512-token cache; prefill attention core at 2,048 tokens):",
-              "", "| part | ms | GB/s |", "|---|---:|---:|"]
+    d = default_row
+    lines += ["", f"The embedded default model through `python -m cheems_mlx.generate --verbose` (128 tokens; "
+                  f"computed in float32, {default_bytes / 1e6:.1f} MB): decode **{d['decode_tps']:.0f} tok/s**, "
+                  f"float32 floor {d['floor_tps']:.0f} tok/s: **{d['decode_of_floor']:.0%} of the floor**. "
+                  f"LoRA fine-tuning (`python -m cheems_mlx.lora`, example completion data): "
+                  f"**{lora:.0f} tokens/s**.", "",
+              f"One decode step of the default model (64-token cache): {step['ops']} MLX operations, "
+              f"{step['step_ms']:.2f} ms.", "", "| part | ms |", "|---|---:|"]
+    lines += [f"| {k} (compiled decode) | {v:.2f} |" for k, v in step["layers_ms"].items()]
+    lines += [f"| {k} (each module eager) | {v:.2f} |" for k, v in step["modules_uncompiled_ms"].items()]
+    lines += ["", "Where the time goes (Doge 55M: decode against a 512-token cache; prefill attention core at "
+                  "2,048 tokens):", "", "| part | ms | GB/s |", "|---|---:|---:|"]
     for r in profile:
         lines.append(f"| {r['part']} | {r['ms']:.2f} | {r['gbps']:.1f} |" if "gbps" in r else
                      f"| {r['part']} | {r['ms']:.2f} | |")
     (out / "generation.md").write_text("\n".join(lines) + "\n")
     return result
-
 
 
 def count_ops(*outputs) -> dict:
@@ -415,7 +507,7 @@ def _matrices(model) -> list:
     return mats
 
 
-def profile_generation(ours, lm, hf, prompt=512, prefill=2048):
+def profile_generation(ours, hf, prompt=512, prefill=2048):
     """Where the time goes. Decode: one step against a ``prompt``-token cache, split into
     the weight matrix-vector products (each timed alone, MLX and PyTorch on the same
     matrices) and the rest. Prefill: the attention core of one layer at ``prefill`` tokens
@@ -463,7 +555,7 @@ def profile_generation(ours, lm, hf, prompt=512, prefill=2048):
         return 1e3 * total
 
     rows = []
-    for name, model in (("cheems_mlx", ours), ("mlx-lm llama", lm)):
+    for name, model in (("cheems_mlx", ours),):
         mats = _matrices(model)
         nbytes = sum(w.nbytes for w in mats)
         total, gemv = step_ms(model), gemv_ms(mats)

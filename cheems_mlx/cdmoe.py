@@ -271,12 +271,12 @@ class CDMoE(MLP):
         """s_x, s_y of shape (b, l, He, K)."""
         b, l, _ = x.shape
         K = self.num_keys
-        if self.router == "queries":
-            q = self.queries(x).reshape(b, l, 2, self.num_heads, self.retrieval_size // 2)
-            keys = self["keys"].astype(q.dtype)
-            sx = mx.einsum("blhn,hkn->blhk", q[:, :, 0], keys[:, :, 0])
-            sy = mx.einsum("blhn,hkn->blhk", q[:, :, 1], keys[:, :, 1])
-            return sx, sy
+        if self.router == "queries":  # both halves of every head in one batched product
+            He, half = self.num_heads, self.retrieval_size // 2
+            q = self.queries(x).reshape(b * l, 2, He, half).transpose(1, 2, 0, 3)  # (2, He, b*l, dr/2)
+            keys = self["keys"].astype(q.dtype).transpose(2, 0, 3, 1)  # (2, He, dr/2, K)
+            s = (q @ keys).transpose(2, 0, 1, 3).reshape(b, l, 2, He, K)
+            return s[:, :, 0], s[:, :, 1]
         logits = self.router_gate(x)  # (b, l, 2K)
         if self.routing == "transformers_reshape":
             halves = logits.reshape(2, b * l, K)

@@ -85,3 +85,19 @@ def test_speculative_suite_writes_its_outputs_and_keeps_plain_tokens(tmp_path):
     assert {r["method"] for r in result["rows"]} == {"plain", "prompt lookup N=3", "draft = the model itself, N=3"}
     assert all(r["same_tokens_as_plain"] for r in result["rows"])
     assert "| copy-heavy | prompt lookup N=3 |" in (tmp_path / "speculative.md").read_text()
+
+
+def test_step_profile_counts_fewer_operations_when_the_decode_step_is_compiled(monkeypatch):
+    """count_ops reads the step's graph: the compiled decode (DecoderLayer) must need fewer
+    MLX operations than the same step with every operation eager."""
+    import cheems_mlx
+    from cheems_mlx.bench import step_profile
+
+    model, _ = cheems_mlx.load()
+    compiled = step_profile(model, prompt=8, reps=2)
+    monkeypatch.setenv("CHEEMS_MLX_COMPILE", "0")
+    eager = step_profile(model, prompt=8, reps=2)
+    assert 0 < compiled["ops"] < eager["ops"]
+    assert any(kind.startswith("Compiled") for kind in compiled["ops_by_kind"])
+    assert set(compiled["layers_ms"]) == {"ssd layers", "attn layers", "rest"}
+    assert {"norms", "residuals", "StateSpaceDuality", "DynamicMaskAttention"} <= set(eager["modules_uncompiled_ms"])
