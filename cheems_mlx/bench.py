@@ -328,13 +328,29 @@ def suite_generation(out: Path, prompts=(512, 2048), new_tokens=64, reps=3, thre
         end = time.perf_counter()
         return prompt / (first - tic), (n - 1) / (end - first)
 
-    def hf_run(prompt):  # medians of a separate process: MLX's BLAS threads stay out of torch's way
+    def hf_run(prompt):
+        """Medians from a separate process (MLX's BLAS threads stay out of torch's way), at
+        ``threads`` and at 1 thread, the faster of each: on a shared machine torch's OpenMP
+        threads can wait on each other for milliseconds per operation (measured here under
+        load: a decode step 40 ms with 1 thread, 1 s with 2)."""
         import subprocess
 
-        out = subprocess.run([sys.executable, "-c", HF_CACHED_LOOP, f"{tmp}/hf", str(prompt), str(new_tokens),
-                              str(reps), str(threads)], capture_output=True, text=True, check=True)
-        runs = json.loads(out.stdout.strip().splitlines()[-1])
-        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        best = (0.0, 0.0)
+        for n in sorted({threads, 1}):
+            try:  # a run that oversubscribed threads make crawl is cut off (and said so)
+                out = subprocess.run([sys.executable, "-c", HF_CACHED_LOOP, f"{tmp}/hf", str(prompt),
+                                      str(new_tokens), str(reps), str(n)], capture_output=True, text=True,
+                                     check=True, timeout=240)
+            except subprocess.TimeoutExpired:
+                hf_threads[prompt] = hf_threads.get(prompt, []) + [(n, 0.0, 0.0)]
+                continue
+            runs = json.loads(out.stdout.strip().splitlines()[-1])
+            pre, dec = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+            hf_threads[prompt] = hf_threads.get(prompt, []) + [(n, pre, dec)]
+            best = (max(best[0], pre), max(best[1], dec))
+        return best
+
+    hf_threads = {}  # prompt -> [(threads, prefill, decode)]
 
     def median_of(fn):
         runs = [fn() for _ in range(reps)]
@@ -344,11 +360,12 @@ def suite_generation(out: Path, prompts=(512, 2048), new_tokens=64, reps=3, thre
     mlx_run(16)  # warm-up (compilation)
     for prompt in prompts:
         for name, fn in (("cheems_mlx", lambda: median_of(lambda: mlx_run(prompt))),
-                         ("transformers (torch CPU, cached forward loop)", lambda: hf_run(prompt))):
+                         ("transformers (torch CPU, cached forward loop, best of 1 / N threads)",
+                          lambda: hf_run(prompt))):
             pre, dec = fn()
             rows.append({"model": "Doge 55M", "prompt": prompt, "system": name, "prefill_tps": pre,
                          "decode_tps": dec})
-            print(f"prompt {prompt:>5} {name:>46}: prefill {pre:9.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
+            print(f"prompt {prompt:>5} {name[:46]:>46}: prefill {pre:9.1f} tok/s  decode {dec:7.1f} tok/s", flush=True)
         kv_bytes = 4 * (prompt + new_tokens // 2) * 2 * cfg["num_key_value_heads"] * (512 // 4) * cfg["num_hidden_layers"]
         rows.append({"model": "Doge 55M", "prompt": prompt, "system": "bandwidth floor",
                      "decode_tps": bandwidth / (weight_bytes + kv_bytes)})
@@ -379,7 +396,8 @@ def suite_generation(out: Path, prompts=(512, 2048), new_tokens=64, reps=3, thre
     workdir.cleanup()
     result = {"suite": "decode+prefill", "machine": machine(), "dtype": "float32", "threads": threads, "reps": reps,
               "parameters": n_params, "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth / 1e9,
-              "new_tokens": new_tokens, "config": cfg, "rows": rows, "default_model": default_row,
+              "new_tokens": new_tokens, "config": cfg, "rows": rows, "transformers_by_threads": hf_threads,
+              "default_model": default_row,
               "lora_tokens_per_second": lora, "default_step": step, "profile": profile}
     (out / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Machine: {result['machine']['platform']}, {threads} threads, BLAS: {result['machine']['blas']}, "
@@ -392,6 +410,10 @@ def suite_generation(out: Path, prompts=(512, 2048), new_tokens=64, reps=3, thre
         pre = f"{r['prefill_tps']:.0f} | {r['prefill_vs_transformers']:.2f}" if "prefill_tps" in r else "-- | --"
         lines.append(f"| {r['prompt']} | {r['system']} | {pre} | {r['decode_tps']:.1f} | "
                      f"{r['decode_vs_transformers']:.2f} | {r['decode_of_floor']:.2f} |")
+    lines += ["", "transformers per thread count (prefill / decode tok/s): " + "; ".join(
+        f"prompt {p}: " + ", ".join(f"{n} thread{'s' * (n > 1)} " + (f"{pre:.0f} / {dec:.1f}" if dec else "cut off")
+                                    for n, pre, dec in runs)
+        for p, runs in hf_threads.items()) + "."]
     d = default_row
     lines += ["", f"The embedded default model through `python -m cheems_mlx.generate --verbose` (128 tokens; "
                   f"computed in float32, {default_bytes / 1e6:.1f} MB): decode **{d['decode_tps']:.0f} tok/s**, "
@@ -654,12 +676,13 @@ def suite_attention(out: Path, lengths=(1024, 4096, 16384), windows=(256, 1024),
             layer = make()
             mx.eval(layer.parameters())
 
-            def prefill():
+            def prefill(n=L):
                 cache = make_cache()
-                for i in range(0, L, step):
-                    mx.eval(layer(x[:, i : i + step], cache))
+                for i in range(0, n, step):
+                    mx.eval(layer(x[:, i : min(i + step, n)], cache))
                 return cache
 
+            prefill(min(L, 1024))  # warm-up: the first call compiles (the DMA block masks)
             mx.clear_cache()
             mx.reset_peak_memory()
             tic = time.perf_counter()

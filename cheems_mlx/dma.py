@@ -29,6 +29,9 @@ Mask rules (``dynamic_mask_rule``), reproduced as the reference implementations 
   REPLACES the causal mask for them (m itself is never added), so a head whose m are
   all < 1 attends uniformly to every key, future ones included.
 
+Ops path (the reference; ``DynamicMaskAttention.ops_attention``): ``dynamic_mask`` + SDPA
+for blocks of ``QUERY_BLOCK`` query rows, so the (batch, H, L, T) mask is never built whole.
+
 Kernel path (``kernels.enabled``: Metal GPU, not training; never with a quantized K/V
 cache or the ``hard`` rule): ``key_selection`` turns the rule into a threshold per row,
 then metal_kernels/dma_decode*.metal (one query: flash-decoding split over the keys) or

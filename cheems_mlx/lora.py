@@ -461,7 +461,7 @@ def run(args, log=print):
     check_args(args)
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, dtype="stored")  # the stored dtype: what fuse saves
     deploy_dtype = numerics.model_dtype(model)  # what generate / fuse will compute in
     if mx.default_device() == mx.cpu and _half_precision(model):
         # MLX's CPU backend has no fast float16/bfloat16 matmul; train in float32 there

@@ -208,7 +208,7 @@ class DecoderLayer(nn.Module):
         return self.post_state_residual(h, self.feed_forward(self.pre_state_layernorm(h)))
 
     def decode_compilable(self, cache) -> bool:
-        if cache is None or not compiled_decode_enabled(self.training):
+        if cache is None or not compiled_decode_enabled(self.training) or self.is_shard():
             return False
         rope = self.mixer.rope
         if rope is not None and rope.kind == "dynamic":  # its base depends on offset.item()
@@ -217,6 +217,12 @@ class DecoderLayer(nn.Module):
             return cache[0] is not None and cache[1] is not None and cache.lengths is None \
                 and cache.left_padding is None
         return True
+
+    def is_shard(self) -> bool:
+        """A tensor-parallel shard (``shard``): its collectives stay on the eager path."""
+        if "_is_shard" not in self.__dict__:
+            object.__setattr__(self, "_is_shard", any(hasattr(m, "group") for _, m in self.named_modules()))
+        return self._is_shard
 
     def compiled_decode(self, h: mx.array, cache) -> mx.array:
         fns = self.__dict__.get("_decode_fns")
