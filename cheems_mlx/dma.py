@@ -180,25 +180,6 @@ def evaluate_now(x: mx.array) -> None:
         pass
 
 
-_compiled_masks = {}
-
-
-def block_mask(bias, valid, q_len, num_heads, rule, keep_window_size, ratio, min_value, compiled=False):
-    """``attention_mask`` for one block of query rows; ``compiled``: through ``mx.compile``
-    (fused elementwise work; 256 x 2,048 at W = 256: 81 -> 33 ms here), for prefill blocks,
-    whose shapes repeat (a decode step's key length changes every step and would retrace)."""
-
-    def build(bias, valid=None):
-        return attention_mask(bias, valid, q_len, num_heads, rule, keep_window_size, ratio, min_value)
-
-    if not compiled:
-        return build(bias, valid)
-    key = (q_len, num_heads, rule, keep_window_size, ratio, min_value, valid is None)
-    if key not in _compiled_masks:
-        _compiled_masks[key] = mx.compile(build)
-    return _compiled_masks[key](bias) if valid is None else _compiled_masks[key](bias, valid)
-
-
 def key_end(valid: Optional[mx.array]) -> Optional[int]:
     """One past the last key any row of ``valid`` (bool (Bv, 1, rows, T)) allows, when every
     row allows at least one key; None otherwise, or inside ``mx.compile`` (a host read)."""
@@ -474,8 +455,7 @@ class DynamicMaskAttention(nn.Module):
         end = None if quantized or self.rule != "keep_window" or self.training else key_end(valid)
         if end is not None and end < bias.shape[-1]:  # keys no row may see: leave them out
             k, v, bias, valid = k[..., :end, :], v[..., :end, :], bias[..., :end], valid[..., :end]
-        mask = block_mask(bias, valid, L, H, self.rule, self.keep_window_size, self.ratio, min_value,
-                          compiled=L > 1 and not self.training)
+        mask = attention_mask(bias, valid, L, H, self.rule, self.keep_window_size, self.ratio, min_value)
         if quantized:
             return quantized_attention(q, k, v, mask, self.scale, kv_cache.group_size, kv_cache.bits)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask.astype(q.dtype))

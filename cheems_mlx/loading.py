@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model, load_tokenizer
 
+from . import kernels
 from .convert.formats import is_native
 from .io import DTYPES
 from .model import Model, ModelArgs
@@ -116,8 +117,8 @@ def compute_dtype(model, dtype: str = "auto") -> str:
     if dtype not in COMPUTE_DTYPES:
         raise LoadError(f"unknown dtype {dtype!r}; expected one of {COMPUTE_DTYPES}")
     params = [(k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
-    if dtype == "auto":
-        on_cpu = mx.default_device() == mx.cpu
+    if dtype == "auto":  # the CPU backend, unless the Metal kernels run (or are emulated in the tests)
+        on_cpu = mx.default_device() == mx.cpu and not kernels.enabled()
         target = mx.float32 if on_cpu and any(v.dtype in HALF for _, v in params) else None
     else:
         target = None if dtype == "stored" else getattr(mx, dtype)

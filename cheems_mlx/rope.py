@@ -75,6 +75,7 @@ def rotate_half(x: mx.array, cos_sin: mx.array) -> mx.array:
     leading axes) over the whole last axis: the products ``mx.fast.rope`` forms on the CPU,
     in its order (x1 cos - x2 sin, x1 sin + x2 cos), so one cos / sin serves two arrays."""
     half = x.shape[-1] // 2
+    cos_sin = cos_sin.astype(x.dtype)  # as mx.fast.rope: the result keeps x's dtype
     cos, sin = cos_sin[..., :half], cos_sin[..., half:]
     x1, x2 = x[..., :half], x[..., half:]
     return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
