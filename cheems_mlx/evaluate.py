@@ -59,8 +59,6 @@ def main(argv=None) -> int:
     src.add_argument("--data", type=Path, help="a `cheems_mlx.train prepare` output folder")
     src.add_argument("--text", type=Path, help="a text file (documents separated by blank lines)")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                   help="compute dtype (default: the stored one)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=0, help="0 = all")

@@ -23,7 +23,7 @@ def fuse(model_ref, adapter_path, save_path, dequantize=False, force=False, dtyp
     from .loading import load, read_config, resolve_model_path
 
     src = resolve_model_path(model_ref)
-    stored = dtype or _stored_dtype(src, read_config(src))
+    stored = dtype or _stored_dtype(src, read_config(src)) or "stored"
     model, tokenizer, config = load(model_ref, adapter_path=adapter_path, return_config=True, dtype=stored)
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused:

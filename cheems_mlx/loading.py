@@ -240,9 +240,9 @@ def load(
             raise LoadError(str(e)) from None
     tokenizer = load_folder_tokenizer(path, tokenizer_config, config.get("eos_token_id"), native)
     limit_vocabulary(model, tokenizer)
-    if dtype in (None, "auto", "stored") and not lazy:
-        numerics.ensure_safe_dtype(model, tokenizer)
     compute_dtype(model, dtype or "auto")
+    if dtype in (None, "auto", "stored") and not lazy:  # a float16 result is checked (not on the CPU,
+        numerics.ensure_safe_dtype(model, tokenizer)  # where "auto" already computes in float32)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

@@ -8,6 +8,7 @@ The bound 35 leaves room for summation-order differences across machines while a
 corruption of the weights or tokenizer fails it.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,20 @@ def test_default_model_perplexity_on_held_out_text():
     nll, count = window_nll(model, text_tokens(tokenizer, HELDOUT), seq_len=128)
     assert count > 2000
     assert np.exp(nll) < 35
+
+
+def test_evaluate_cli_scores_the_held_out_text_in_each_dtype(tmp_path):
+    """``python -m cheems_mlx.evaluate --text`` as a user runs it: one JSON per dtype; the
+    stored float16 and float32 agree (measured on the whole held-out split: 29.627 both)."""
+    ppl = {}
+    for dtype in ("float32", "stored"):
+        out = tmp_path / f"{dtype}.json"
+        proc = subprocess.run([sys.executable, "-m", "cheems_mlx.evaluate", "--text", str(HELDOUT), "--seq-len", "128",
+                               "--max-windows", "4", "--dtype", dtype, "--json", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        ppl[dtype] = json.loads(out.read_text())["perplexity"]
+    assert ppl["float32"] < 35 and abs(ppl["stored"] - ppl["float32"]) < 0.01 * ppl["float32"]
 
 
 def test_generate_cli_on_the_default_model_offline(tmp_path):

@@ -135,12 +135,13 @@ def test_lora_on_the_shipped_model_then_generate_fuse_and_generate_again(tmp_pat
         "--adapter-path", adapters, "--steps-per-eval", "60", "--save-every", "60", timeout=600)
     greedy = ("--temp", "0")
     for prompt, answer in FACTS.items():
-        for dtype in ((), ("--dtype", "float32")):
+        for dtype in (("--dtype", "stored"), ("--dtype", "float32")):  # as shipped (float16), and float32
             out = cli("generate", "--adapter-path", adapters, "--prompt", prompt, "--max-tokens", "6",
                       *greedy, *dtype).stdout
             assert answer in healthy(out), (prompt, dtype, out)
     cli("fuse", "--adapter-path", adapters, "--save-path", tmp_path / "fused")
     assert json.loads((tmp_path / "fused" / "config.json").read_text())["model_type"] == "cheems"
     prompt, answer = next(iter(FACTS.items()))
-    out = cli("generate", "--model", tmp_path / "fused", "--prompt", prompt, "--max-tokens", "6", *greedy).stdout
+    out = cli("generate", "--model", tmp_path / "fused", "--prompt", prompt, "--max-tokens", "6", *greedy,
+              "--dtype", "stored").stdout
     assert answer in healthy(out)
