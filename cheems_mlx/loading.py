@@ -215,11 +215,12 @@ def load(
     ``path_or_repo``: a converted folder, an unconverted PyTorch checkpoint folder
     (official Cheems, transformers Doge, legacy Doge -- mapped in memory exactly as the
     converter does), or a Hub repo id; ``None`` loads the embedded default model.
-    ``dtype``: what the weights compute in. By default (``None`` / ``"auto"``) and with
-    ``"stored"``, a float16 model whose activations overflow float16 (checked once on a probe
-    text, adapters included; ``cheems_mlx.numerics``) is computed in a wider dtype, with a
-    note; then by default half-precision weights are computed in float32 on the CPU backend
-    and kept on Metal (``compute_dtype``). float16 / bfloat16 / float32: that dtype.
+    ``dtype``: what the weights compute in (``compute_dtype``). By default (``None`` /
+    ``"auto"``) half-precision weights are computed in float32 on the CPU backend and kept
+    as stored on Metal; ``"stored"`` keeps them everywhere. When that leaves a float16 model
+    whose activations overflow float16 (checked once on a probe text, adapters included;
+    ``cheems_mlx.numerics``), it is computed in a wider dtype, with a note. float16 /
+    bfloat16 / float32: exactly that dtype, unchecked.
     """
     from . import numerics
 
