@@ -129,6 +129,20 @@ def ssd_chunked_scan(
     return y, final_state
 
 
+def _recurrence_inputs(x, dt, A, B, C, mask):
+    """float32 x, B, C and the recurrence's dt * A and dt * x, both 0 at masked positions
+    (a masked position keeps the state: decay exp(0) = 1, no input). Shapes: x (..., h, p),
+    dt (..., h), mask (...) -- one step (b,) or a short call (b, l)."""
+    f32 = mx.float32
+    x, B, C, dt = x.astype(f32), B.astype(f32), C.astype(f32), dt.astype(f32)
+    dtA = dt * A.astype(f32)
+    dtx = dt[..., None] * x
+    if mask is not None:
+        dtA = mx.where(mask[..., None], dtA, 0.0)
+        dtx = mx.where(mask[..., None, None], dtx, 0.0)
+    return x, B, C, dtA, dtx
+
+
 def ssd_step(
     x: mx.array,
     dt: mx.array,
@@ -141,12 +155,8 @@ def ssd_step(
     """One-token recurrence. x: (b, h, p), dt: (b, h), B/C: (b, h, n), state: (b, h, p, n).
     mask: (b,) bool -- a masked row keeps its state. Returns y (b, h, p), new state."""
     f32 = mx.float32
-    x, B, C, dt = x.astype(f32), B.astype(f32), C.astype(f32), dt.astype(f32)
-    dA = mx.exp(dt * A.astype(f32))  # (b, h)
-    dtx = dt[..., None] * x  # (b, h, p)
-    if mask is not None:
-        dA = mx.where(mask[:, None], dA, 1.0)
-        dtx = mx.where(mask[:, None, None], dtx, 0.0)
+    x, B, C, dtA, dtx = _recurrence_inputs(x, dt, A, B, C, mask)
+    dA = mx.exp(dtA)  # (b, h); 1 where masked
     if state is None:
         state = mx.zeros(x.shape + (B.shape[-1],), dtype=f32)
     state = dA[..., None, None] * state + dtx[..., :, None] * B[..., None, :]
@@ -171,12 +181,7 @@ def ssd_states(
     Shapes as ``ssd_chunked_scan``; O(l^2) decay and l states, meant for l up to SSDCache.window.
     Returns y (b, l, h, p) float32 and the states (b, l, h, p, n) float32."""
     f32 = mx.float32
-    x, B, C, dt = x.astype(f32), B.astype(f32), C.astype(f32), dt.astype(f32)
-    dtA = dt * A.astype(f32)  # (b, l, h)
-    dtx = dt[..., None] * x  # (b, l, h, p)
-    if mask is not None:
-        dtA = mx.where(mask[..., None], dtA, 0.0)
-        dtx = mx.where(mask[..., None, None], dtx, 0.0)
+    x, B, C, dtA, dtx = _recurrence_inputs(x, dt, A, B, C, mask)  # dtA (b, l, h), dtx (b, l, h, p)
     dtA = dtA.transpose(0, 2, 1)  # (b, h, l)
     decay = mx.exp(segsum(dtA))  # (b, h, t, s): exp(sum_{s<k<=t} dtA_k), 0 for s > t
     states = mx.einsum("bhts,bshp,bshn->bthpn", decay, dtx, B)  # (b, l, h, p, n)
