@@ -49,6 +49,11 @@ def machine() -> dict:
     }
 
 
+def machine_line(m) -> str:
+    """The opening of a generated table's caption: platform, CPUs and the BLAS in use."""
+    return f"Machine: {m['platform']}, {m['cpus']} CPUs, BLAS: {m['blas']}"
+
+
 def timeit(fn, reps=3):
     mx.eval(fn())  # warm-up (and compilation of graphs)
     times = []
@@ -705,8 +710,7 @@ def suite_attention(out: Path, lengths=(1024, 4096, 16384), windows=(256, 1024),
     result = {"suite": "attention", "machine": machine(), "dtype": "float32", "hidden_size": d, "heads": heads,
               "kv_heads": kv_heads, "prefill_step": step, "rows": rows}
     (out / "attention.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
-             f"BLAS: {result['machine']['blas']}, float32, one layer d={d}, {heads}/{kv_heads} heads, "
+    lines = [f"{machine_line(result['machine'])}, float32, one layer d={d}, {heads}/{kv_heads} heads, "
              f"prefill in steps of {step}.", "",
              "| tokens | design | prefill ms | decode ms (1 token, L cached) | prefill peak MiB |",
              "|---:|---|---:|---:|---:|"]
@@ -770,8 +774,7 @@ def suite_ssd(out: Path, heads=8, head_dim=64, lengths=(1024, 4096), chunks=(64,
     result = {"suite": "ssd", "machine": machine(), "dtype": "float32", "heads": heads, "head_dim": head_dim,
               "rows": rows}
     (out / "ssd.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
-             f"BLAS: {result['machine']['blas']}, float32, batch 1, {heads} heads x {head_dim} (P = N).", "",
+    lines = [f"{machine_line(result['machine'])}, float32, batch 1, {heads} heads x {head_dim} (P = N).", "",
              "| tokens | method | ms | tokens/s | peak MiB |", "|---:|---|---:|---:|---:|"]
     for r in rows:
         if "ms" in r:
@@ -837,8 +840,7 @@ def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model
         r["speedup_vs_plain"] = r["decode_tokens_per_s"] / plain[r["text"]]
     result = {"suite": "speculative", "machine": machine(), "dtype": "float32", "new_tokens": new_tokens, "rows": rows}
     (out / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
-             f"BLAS: {result['machine']['blas']}, float32, the default model, greedy, {new_tokens} new tokens.", "",
+    lines = [f"{machine_line(result['machine'])}, float32, the default model, greedy, {new_tokens} new tokens.", "",
              "| text | method | decode tok/s | vs plain | accepted | tokens / target forward | same tokens |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
