@@ -17,6 +17,11 @@ What is loaded, first match wins:
    ``ctypes.util.find_library``. A library whose symbols are renamed (scipy-openblas's
    ``scipy_cblas_sgemm``) or a plain ``libblas.so.3`` that is the reference BLAS again is
    never taken.
+In front of the BLAS found, a small ``cblas_sgemm`` (``gemv_shim.c``, built once with the
+system C compiler into ``~/.cache/cheems_mlx``; ``CHEEMS_MLX_GEMV=0`` leaves it out) sends
+one-row products -- every weight product of a decode step -- to the BLAS's ``cblas_sgemv``:
+OpenBLAS runs them through its GEMM at about half the memory speed otherwise. Without a
+compiler the BLAS is loaded alone.
 Without any, one warning says the float32 matmuls run on the reference BLAS and how to
 get a fast one. ``in_use()`` names the library MLX's ``cblas_sgemm`` resolves to (the
 generate CLI prints it with ``--verbose``). On macOS MLX uses Accelerate and nothing here
@@ -121,6 +126,78 @@ def load_global(path: str) -> None:
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
+def shim_cache_dir(environ) -> Path:
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cheems_mlx"
+
+
+def build_gemv_shim(environ) -> Optional[str]:
+    """``gemv_shim.c`` built with the system C compiler (``$CC`` or cc / gcc / clang) into
+    the user's cache folder, once per source text (a temporary file renamed into place, so
+    concurrent builds never see half a library); the path, or None without a compiler."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    src = Path(__file__).with_name("gemv_shim.c")
+    if not src.exists():
+        return None
+    digest = hashlib.sha256(src.read_bytes() + platform.machine().encode()).hexdigest()[:16]
+    for folder in (shim_cache_dir(environ), Path(tempfile.gettempdir()) / f"cheems_mlx-{os.getuid()}"):
+        target = folder / f"libcheems_gemv-{digest}.so"
+        if target.exists():
+            return str(target)
+        compiler = next((c for c in (environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+        if compiler is None:
+            return None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(src), "-ldl"],
+                                  capture_output=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return str(target)
+            os.unlink(tmp)
+            return None
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def gemv_shim(blas_path: str, environ) -> Optional[str]:
+    """Load ``gemv_shim.c``'s ``cblas_sgemm`` globally in front of ``blas_path`` (which it
+    loads globally itself), so MLX's one-row matmuls run as ``cblas_sgemv``: a decode
+    step's weight products at the BLAS's matrix-vector speed (OpenBLAS < 0.3.27 runs them
+    through its GEMM at about half). ``CHEEMS_MLX_GEMV=0`` turns it off. The shim's path,
+    or None when it cannot be built or loaded (then nothing was loaded)."""
+    if environ.get("CHEEMS_MLX_GEMV", "1").strip() == "0":
+        return None
+    path = build_gemv_shim(environ)
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        lib.cheems_gemv_init.argtypes = [ctypes.c_char_p]
+        if lib.cheems_gemv_init(os.fsencode(blas_path)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    _choice["shim_lib"] = lib
+    return path
+
+
+def gemv_routed() -> Optional[int]:
+    """How many products the shim has sent to sgemv so far (None without the shim)."""
+    lib = _choice.get("shim_lib")
+    if lib is None:
+        return None
+    lib.cheems_gemv_routed.restype = ctypes.c_long
+    return int(lib.cheems_gemv_routed())
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -158,8 +235,10 @@ def select(environ=None) -> dict:
                 f"LD_PRELOAD={found}"))
             return dict(_choice)
     elif found:
-        load_global(found)
-        _choice.update(path=found, how=ENV if override else "found")
+        shim = gemv_shim(found, environ)
+        if shim is None:
+            load_global(found)
+        _choice.update(path=found, how=ENV if override else "found", gemv=shim)
         return dict(_choice)
     else:
         _choice.update(path=None, how="none found")
@@ -176,6 +255,10 @@ def in_use() -> str:
     path = global_cblas()
     if path is None:
         return f"MLX's bundled reference BLAS (slow; {INSTALL_HINT})"
+    shim = _choice.get("gemv")
+    if shim is not None and os.path.realpath(path) == os.path.realpath(shim):
+        path = _choice["path"]
     name = next((n for n in ("OpenBLAS", "BLIS", "MKL", "FlexiBLAS") if n.lower() in
                  os.path.realpath(path).lower()), os.path.basename(path))
-    return f"{name} ({path}; {_choice['how']})"
+    gemv = "; one-row products through its sgemv" if shim is not None else ""
+    return f"{name} ({path}; {_choice['how']}{gemv})"

@@ -255,6 +255,30 @@ class DecoderLayer(nn.Module):
         return mx.compile(before, inputs=self.state), mx.compile(after, inputs=self.state)
 
 
+class _StepBuffer:
+    """One attention cache (K/V, or the key bias) inside ``Model.compiled_step``: the whole
+    buffer, written at a traced ``offset`` (``mx.slice_update``: in place once evaluated,
+    the buffer being donated), and the mask of the keys written so far (KVCache's
+    ``make_mask`` semantics for one query at position ``offset``)."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None) -> mx.array:
+        pos = mx.arange(self.keys.shape[2])
+        valid = pos <= self.offset
+        if window_size is not None:
+            valid = valid & (pos > self.offset - window_size)
+        return valid
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        start = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        if values.shape[-1]:
+            self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+
 class CheemsModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -285,7 +309,12 @@ class Model(nn.Module):
     vocab_limit: Optional[int] = None
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
-        h = self.model(inputs, cache, input_embeddings)
+        if input_embeddings is None and inputs.ndim == 2 and inputs.shape[1] == 1 and self.step_compilable(cache):
+            return self.compiled_step(inputs, cache)
+        return self.head(self.model(inputs, cache, input_embeddings))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of the final normed hidden states (tied or own head, ``vocab_limit``)."""
         if self.args.tie_word_embeddings:
             logits = self.model.word_embed.as_linear(h)
         else:
@@ -293,6 +322,94 @@ class Model(nn.Module):
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits = mx.where(mx.arange(logits.shape[-1]) < self.vocab_limit, logits, -mx.inf)
         return logits
+
+    def step_compilable(self, cache) -> bool:
+        """Whether a one-token call runs as ONE compiled function (``compiled_step``): every
+        layer's decode step compiles (``DecoderLayer.decode_compilable``), the attention
+        caches are plain ``KVCache`` pairs that already hold keys (no quantized, rotating or
+        batched caches), and the mask rule is ``keep_window``: it attends over the whole
+        buffer with the unwritten keys masked, which keep_window's rows (never empty: the
+        newest key is always kept) do not notice; the ratio rules rank over exactly the
+        cached keys and ``hard`` can mask a whole row (uniform over the keys there are).
+        """
+        if cache is None or len(cache) != len(self.layers):
+            return False
+        for layer, c in zip(self.layers, cache):
+            if not layer.decode_compilable(c):
+                return False
+            if layer.layer_type == "attn":
+                if layer.attn.rule != "keep_window" or not isinstance(c, CacheList):
+                    return False
+                if any(type(kv) is not KVCache or kv.keys is None for kv in (c[0], c[1])):
+                    return False
+        return True
+
+    def compiled_step(self, inputs: mx.array, cache) -> mx.array:
+        """One decode step of the whole model as one ``mx.compile``d function: the embedding,
+        every layer (SSD recurrence step; DMA projections, the write of k, v and the key bias
+        into the cache buffers at the current offset, the mask over the buffer and the
+        attention; the feed-forward) and the head. On the CPU backend each MLX operation costs
+        microseconds of dispatch and a step has hundreds, so one traced graph -- with MLX's
+        fusion of the elementwise runs and without Python building the graph again -- is what
+        makes decoding fast there. The caches go in as arrays and come back updated; the
+        attention buffers grow by ``KVCache.step`` keys (a new trace every 256 tokens), and
+        their unwritten keys are masked. Equal to the layer-by-layer path to float32 rounding
+        (tests/test_model_consistency.py)."""
+        key = self.vocab_limit
+        fns = self.__dict__.setdefault("_step_fns", {})
+        if key not in fns:
+            fns[key] = mx.compile(self._step, inputs=self.state)
+        states, buffers = [], []
+        for layer, c in zip(self.layers, cache):
+            if layer.layer_type == "ssd":
+                states.append((c[0], c[1]))
+                continue
+            kv, bias = c[0], c[1]
+            if kv.offset >= kv.keys.shape[2]:  # room for one more key, as KVCache.update_and_fetch grows
+                for buf in (kv, bias):
+                    b, h, T, p = buf.keys.shape
+                    grow = mx.zeros((b, h, buf.step, p), buf.keys.dtype)
+                    buf.keys = mx.concatenate([buf.keys[..., : buf.offset, :], grow], axis=2)
+                    vals = buf.values[..., : buf.offset, :]
+                    buf.values = mx.concatenate([vals, mx.zeros((b, h, buf.step, vals.shape[-1]), vals.dtype)], axis=2)
+            buffers.append((kv.keys, kv.values, bias.keys, mx.array(kv.offset, dtype=mx.int32)))
+        logits, states, buffers = fns[key](inputs, states, buffers)
+        for layer, c in zip(self.layers, cache):
+            if layer.layer_type == "ssd":
+                state, offset = states.pop(0)
+                if isinstance(c, SSDCache):
+                    c.record([state], [offset], 1)
+                else:
+                    c[0], c[1] = state, offset
+                c.advance(1)
+                continue
+            kv, bias = c[0], c[1]
+            kv.keys, kv.values, bias.keys = buffers.pop(0)
+            kv.offset += 1
+            bias.offset += 1
+        return logits
+
+    def _step(self, inputs, states, buffers):
+        """``compiled_step``'s traced function: (tokens (b, 1), [(S, offset)] per SSD layer,
+        [(keys, values, bias keys, offset)] per attention layer) -> (logits, the same, updated)."""
+        h = self.model.word_embed(inputs)
+        states, buffers = list(states), list(buffers)
+        new_states, new_buffers = [], []
+        for layer in self.layers:
+            x = layer.pre_sequence_layernorm(h)
+            if layer.layer_type == "ssd":
+                state, offset = states.pop(0)
+                out, kept = layer.ssd.mix(x, state, offset)
+                new_states.append((kept[-1], offset + 1))
+            else:
+                keys, values, bias, offset = buffers.pop(0)
+                kv = _StepBuffer(keys, values, offset)
+                b, Hm = bias.shape[:2]
+                bias_buf = _StepBuffer(bias, mx.zeros((b, Hm, bias.shape[2], 0), bias.dtype), offset)
+                out = layer.attn(x, (kv, bias_buf))
+                new_buffers.append((kv.keys, kv.values, bias_buf.keys))
+            h = layer.after_mixer(h, out)
+        return self.head(self.model.final_layernorm(h)), new_states, new_buffers
 
     @property
     def layers(self):

@@ -26,6 +26,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 HEADROOM = 8.0  # a half-precision peak must stay below max / HEADROOM
@@ -128,8 +129,14 @@ def ensure_safe_dtype(model, tokenizer, texts: Optional[Sequence[str]] = None, l
 
 def check_finite_logprobs(logprobs: mx.array, dtype: mx.Dtype, step: int) -> None:
     """Raise ``NonFiniteLogits`` when a generation step's log-probabilities hold NaN: what
-    any +Inf or NaN logit (an overflow) turns them into; -Inf alone is a masked token."""
-    if mx.isnan(logprobs).any().item():
+    any +Inf or NaN logit (an overflow) turns them into; -Inf alone is a masked token.
+    The step's log-probabilities are evaluated already: numpy reads them where it can, since
+    a new MLX operation would queue behind the next step, which generation has started."""
+    if logprobs.dtype == mx.bfloat16:  # numpy has no bfloat16
+        bad = mx.isnan(logprobs).any().item()
+    else:
+        bad = np.isnan(np.asarray(logprobs)).any()
+    if bad:
         name = dtype_name(dtype)
         fix = "--dtype bfloat16 or --dtype float32" if dtype == mx.float16 else "--dtype float32"
         raise NonFiniteLogits(

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,21 +29,43 @@ rng = np.random.default_rng(0)
 a, b = rng.standard_normal((512, 512)), rng.standard_normal((512, 512))
 got = np.array(mx.array(a.astype(np.float32)) @ mx.array(b.astype(np.float32)))
 want = a.astype(np.float32).astype(np.float64) @ b.astype(np.float32).astype(np.float64)
-print(json.dumps({"in_use": blas.in_use(), "global": blas.global_cblas(),
-                  "err": float(np.abs(got - want).max() / np.abs(want).max()),
+# one-row / one-column products in every layout MLX hands cblas_sgemm (the gemv shim's cases)
+f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+W, x, xc, C = f32(300, 173), f32(1, 173), f32(300, 1), f32(1, 300)
+cases = [(lambda m: m["x"] @ m["W"].T, lambda n: n["x"] @ n["W"].T),  # a decode step's x @ W.T
+         (lambda m: m["C"] @ m["W"], lambda n: n["C"] @ n["W"]),
+         (lambda m: m["W"] @ m["x"].T, lambda n: n["W"] @ n["x"].T),  # N == 1
+         (lambda m: m["W"].T @ m["xc"], lambda n: n["W"].T @ n["xc"]),
+         (lambda m: m["W"][::2, 5:105].T[None, 3:4] @ m["W"][::2, 10:60],  # strided views
+          lambda n: n["W"][::2, 5:105].T[None, 3:4] @ n["W"][::2, 10:60]),
+         (lambda m: m["W"][None, :4, None, :] @ m["W"][:50].T, lambda n: n["W"][None, :4, None, :] @ n["W"][:50].T),
+         (lambda m: m["x"] @ m["x"].T, lambda n: n["x"] @ n["x"].T),  # M == N == 1
+         (lambda m: mx.addmm(m["C"][:, :173], m["x"], m["W"][:173].T, alpha=2.0, beta=0.5),  # beta != 0
+          lambda n: 0.5 * n["C"][:, :173] + 2.0 * n["x"] @ n["W"][:173].T)]
+mats = {k: mx.array(v) for k, v in dict(W=W, x=x, xc=xc, C=C).items()}
+refs = {k: v.astype(np.float64) for k, v in dict(W=W, x=x, xc=xc, C=C).items()}
+gemv_err = 0.0
+for ours, ref in cases:
+    g, w_ = np.array(ours(mats)), ref(refs)
+    assert g.shape == w_.shape, (g.shape, w_.shape)
+    gemv_err = max(gemv_err, float(np.abs(g - w_).max() / np.abs(w_).max()))
+print(json.dumps({"in_use": blas.in_use(), "global": blas.global_cblas(), "path": blas.select()["path"],
+                  "gemv": blas.select().get("gemv"), "routed": blas.gemv_routed(), "cases": len(cases),
+                  "err": max(gemv_err, float(np.abs(got - want).max() / np.abs(want).max())),
                   "warnings": [str(w.message) for w in caught]}))
 """
 
 
-def probe(env_blas=None, mlx_first=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV)}
+def probe(env_blas=None, mlx_first=False, **extra_env):
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV, "CHEEMS_MLX_GEMV")}
     if env_blas is not None:
         env[blas.ENV] = env_blas
+    env.update(extra_env)
     out = subprocess.run([sys.executable, "-c", PROBE] + (["--mlx-first"] if mlx_first else []),
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["err"] < 1e-5  # float32 accumulation over 512 terms, relative to the largest entry
+    assert result["err"] < 1e-5  # float32 accumulation over <= 512 terms, relative to the largest entry
     return result
 
 
@@ -59,15 +82,35 @@ def test_none_keeps_the_reference_blas_silently():
 @pytest.mark.skipif(fast_blas() is None, reason="no system CBLAS (OpenBLAS / BLIS / MKL) on this machine")
 def test_finds_a_fast_blas_without_ld_preload():
     r = probe()
-    assert os.path.realpath(r["global"]) == os.path.realpath(fast_blas())
+    assert os.path.realpath(r["path"]) == os.path.realpath(fast_blas())
     assert r["in_use"].split(" (")[0] in ("OpenBLAS", "BLIS", "MKL", "FlexiBLAS") and "found" in r["in_use"]
     assert r["warnings"] == []
+    if r["gemv"] is None:  # no C compiler here: the BLAS alone
+        assert os.path.realpath(r["global"]) == os.path.realpath(fast_blas())
+    else:  # the shim's cblas_sgemm is what MLX binds to, and it took every one-row product
+        assert os.path.realpath(r["global"]) == os.path.realpath(r["gemv"])
+        assert "sgemv" in r["in_use"] and r["routed"] >= 4  # at least the four plain layouts
+
+
+@pytest.mark.skipif(fast_blas() is None, reason="no system CBLAS (OpenBLAS / BLIS / MKL) on this machine")
+def test_gemv_shim_is_built_and_can_be_turned_off(tmp_path):
+    """With a C compiler the shim is built into the cache folder (here a fresh one) and used;
+    CHEEMS_MLX_GEMV=0 loads the BLAS alone. The products equal numpy's either way (probe)."""
+    import shutil
+
+    fresh = probe(XDG_CACHE_HOME=str(tmp_path))
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert fresh["gemv"] and fresh["gemv"].startswith(str(tmp_path / "cheems_mlx"))
+        assert list((tmp_path / "cheems_mlx").glob("*.so")) == [Path(fresh["gemv"])]  # no temporary left
+    off = probe(CHEEMS_MLX_GEMV="0")
+    assert off["gemv"] is None and off["routed"] is None and "sgemv" not in off["in_use"]
+    assert os.path.realpath(off["global"]) == os.path.realpath(fast_blas())
 
 
 @pytest.mark.skipif(fast_blas() is None, reason="no system CBLAS (OpenBLAS / BLIS / MKL) on this machine")
 def test_override_path_is_loaded():
     r = probe(fast_blas())
-    assert os.path.realpath(r["global"]) == os.path.realpath(fast_blas())
+    assert os.path.realpath(r["path"]) == os.path.realpath(fast_blas())
     assert blas.ENV in r["in_use"]
 
 
@@ -78,7 +121,7 @@ def test_bogus_override_warns_and_falls_back():
         assert r["in_use"].startswith("MLX's bundled reference BLAS")
         assert any("no fast BLAS found" in w for w in r["warnings"])
     else:
-        assert os.path.realpath(r["global"]) == os.path.realpath(fast_blas())
+        assert os.path.realpath(r["path"]) == os.path.realpath(fast_blas())
 
 
 def test_a_library_without_plain_cblas_symbols_is_refused():

@@ -150,20 +150,27 @@ def test_quantized_kv_cache_stays_close_to_the_float_forward():
 
 
 @pytest.mark.parametrize(
-    "overrides, cache_kw",
+    "overrides, cache_kw, path",
     [
-        ({}, {}),
-        ({"is_moe": True, "moe_router": "router_gate", "dynamic_mask_heads": "attention"}, {}),
-        ({"is_moe": False, "num_key_value_heads": 1}, {"max_kv_size": 16}),
-        ({"num_attention_heads": 2, "num_key_value_heads": 1}, {"kv_bits": 8, "kv_group_size": 32}),
-        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 20}, {}),
+        ({}, {}, "whole step"),
+        ({"is_moe": True, "moe_router": "router_gate", "dynamic_mask_heads": "attention"}, {}, "whole step"),
+        ({"sliding_window": 7}, {}, "whole step"),
+        ({"dynamic_mask_rule": "hard"}, {}, "layers"),
+        ({"dynamic_mask_rule": "cheems_ratio", "dynamic_mask_ratio": 0.3}, {}, "layers"),
+        ({"is_moe": False, "num_key_value_heads": 1}, {"max_kv_size": 16}, "layers"),
+        ({"num_attention_heads": 2, "num_key_value_heads": 1}, {"kv_bits": 8, "kv_group_size": 32}, "layers"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 20}, {}, "eager"),
     ],
-    ids=["hybrid", "router-gate", "rotating-cache", "quantized-kv", "dynamic-rope-eager"],
+    ids=["hybrid", "router-gate", "sliding-window", "hard-rule-layers", "ratio-rule-layers", "rotating-cache",
+         "quantized-kv", "dynamic-rope-eager"],
 )
-def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, monkeypatch):
-    """A decode step runs through DecoderLayer's mx.compile'd functions; the same steps with
-    CHEEMS_MLX_COMPILE=0 (every operation eager) give the same logits to float32 rounding,
-    also after the parameters change (the compiled functions read them at each call)."""
+def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, path, monkeypatch):
+    """A decode step runs as one mx.compile'd function of the whole model (Model.compiled_step:
+    plain KVCache buffers, a key-count-free mask rule) or through each DecoderLayer's compiled
+    functions (other caches / rules); the same steps with CHEEMS_MLX_COMPILE=0 (every
+    operation eager) give the same logits to float32 rounding, also after the parameters
+    change (the compiled functions read them at each call). keep_window 12 < the 10..26 keys,
+    so the top-W selection runs over the (partly unwritten) buffer."""
     args = hybrid_args(**overrides)
     model = random_model(args, seed=3)
     model.eval()  # as cheems_mlx.load returns it (training mode never compiles)
@@ -181,6 +188,31 @@ def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, monkeypa
         return np.array(mx.concatenate(out, axis=1))
 
     eager, compiled = decode(False), decode(True)
-    took_compiled = all("_decode_fns" in layer.__dict__ for layer in model.layers)
-    assert took_compiled == (args.rope_scaling is None)
+    took = ("whole step" if model.__dict__.get("_step_fns") else
+            "layers" if all("_decode_fns" in layer.__dict__ for layer in model.layers) else "eager")
+    assert took == path
     assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+
+
+def test_whole_step_buffers_grow_and_roll_back_like_the_layer_path(monkeypatch):
+    """Across KVCache's 256-key buffer boundary and after a rollback (prompt lookup's trim),
+    the whole-model compiled step gives the logits of a full forward over the same tokens
+    (a recomputation, not the code under test), so growth, the offsets and the SSD states'
+    record / trim stay right."""
+    monkeypatch.setenv("CHEEMS_MLX_COMPILE", "1")
+    args = hybrid_args(keep_window_size=300)
+    model = random_model(args, seed=5)
+    model.eval()
+    ids = mx.random.randint(0, args.vocab_size, (1, 262))
+    cache = model.make_cache()
+    model(ids[:, :250], cache=cache)
+    got = [model(ids[:, t : t + 1], cache=cache) for t in range(250, 258)]  # crosses 256
+    assert model.__dict__.get("_step_fns")
+    assert cache[1][0].keys.shape[2] == 512
+    model(ids[:, 258:261], cache=cache)  # a short call (verification), then roll it back
+    for c in cache:
+        c.trim(3)
+    got += [model(ids[:, t : t + 1], cache=cache) for t in range(258, 262)]
+    ref = np.array(model(ids))[:, 250:262]
+    got = np.array(mx.concatenate(got, axis=1))
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())  # chunked scan vs steps: rounding
