@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear, sum_gradients
 
-from . import kernels
+from . import fastmath, kernels
 from .sharding import ranges, slice_rows, split_inputs_problems
 
 ROUTERS = ("queries", "router_gate")
@@ -59,7 +59,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(F, d, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fastmath.swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def shard_problems(self, N: int) -> List[str]:
         """What prevents splitting this layer over N ranks (empty when it can be split)."""
@@ -111,7 +111,7 @@ def expert_mix(x: mx.array, weights: mx.array, indices: mx.array, down_embed, up
     down = down_embed(indices)  # (b, l, He, k, d)
     up = up_embed(indices)  # (b, l, He, k, d)
     expert_in = (down @ x[:, :, None, :, None]).squeeze(-1)  # (b, l, He, k)
-    expert_w = nn.silu(expert_in) * weights.astype(x.dtype)
+    expert_w = fastmath.swiglu(expert_in, weights.astype(x.dtype))
     flat_w = expert_w.reshape(b, l, 1, -1)  # (b, l, 1, He*k)
     return (flat_w @ up.reshape(b, l, -1, d)).squeeze(-2)  # (b, l, d)
 

@@ -45,6 +45,7 @@ Tensor parallel: ``DynamicMaskAttention.shard(group)`` splits the heads (and ``d
 over its input, then by mask heads); ``shard_problems(N)`` says what prevents it.
 """
 
+import os
 from typing import List, Optional
 
 import mlx.core as mx
@@ -52,7 +53,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import create_causal_mask
 
-from . import kernels
+from . import fastmath, kernels
 from .rope import RotaryEmbedding, rope_cos_sin, rotate_half
 from .sharding import (
     GatheredInputsLinear,
@@ -166,6 +167,74 @@ def attention_mask(bias, valid, q_len, num_heads, rule, keep_window_size, ratio,
     if mask.shape[1] != num_heads:
         mask = mx.repeat(mask, num_heads // mask.shape[1], axis=1)
     return mask
+
+
+def kept_keys(bias, valid, q_len, rule, keep_window_size, ratio) -> Optional[mx.array]:
+    """The keys each query row attends to under the ``keep_window`` and ``cheems_ratio`` rules:
+    bool broadcastable to (batch, Hm, q_len, T), or None for every key -- the selection of
+    ``dynamic_mask``, whose additive mask is m on these keys and the mask minimum elsewhere."""
+    b, hm, T = bias.shape
+    if rule == "keep_window":
+        if T <= keep_window_size:
+            return valid
+        allowed = mx.broadcast_to(mx.array(True) if valid is None else valid, (b, hm, q_len, T))
+        return allowed & top_w(mx.where(allowed, bias[:, :, None, :], -mx.inf), keep_window_size)
+    if rule == "cheems_ratio":
+        k = ratio_rank(rule, T, keep_window_size, ratio)
+        if k is None:
+            return valid
+        kept = bias[:, :, None, :] >= kth_smallest(bias, k)[:, :, None, :]
+        return kept if valid is None else valid & kept
+    raise ValueError(f"kept_keys covers keep_window and cheems_ratio, not {rule!r}")
+
+
+def _grouped(a: mx.array, kv_heads: int, rep: int) -> mx.array:
+    """(B, 1 | Hkv | H, rows, T) -> (B, 1 | Hkv, 1 | rep, rows, T): query head h = g * rep + r
+    reads kv head g (a per-query-head axis is split, a per-kv-head one gains the rep axis)."""
+    if a.shape[1] == kv_heads * rep and rep > 1:
+        return a.reshape(a.shape[0], kv_heads, rep, *a.shape[2:])
+    return a[:, :, None]
+
+
+def _exp_scores(s, m, keep, min_value):
+    """exp(t - max t) per row and its row sum, t = s + m where kept and the mask minimum
+    elsewhere (a row with no kept key is uniform, as the additive mask makes it). exp is
+    ``fastmath.exp``: a softmax over (heads, L, T) scores is most of a long prefill's
+    attention on MLX's CPU backend."""
+    t = s.astype(mx.float32) + m
+    if keep is not None:
+        t = mx.where(keep, t, min_value)
+    e = fastmath.exp(t - t.max(axis=-1, keepdims=True))
+    return e, e.sum(axis=-1, keepdims=True)
+
+
+_exp_scores_compiled = mx.compile(_exp_scores)
+
+
+def masked_attention(q, k, v, m, keep, scale) -> mx.array:
+    """softmax(q k^T * scale + m) v over the kept keys: ``dynamic_mask`` + SDPA for the
+    keep_window / cheems_ratio rules without building the (batch, H, L, T) float mask.
+    q: (b, H, L, P); k, v: (b, Hkv, T, P); m: (b, Hm, T) float32, the per-key bias (capped
+    finite); keep: None or bool broadcastable to (b, Hm, L, T) (``kept_keys``). The query
+    heads of one kv head share its keys in one product (no repeated K / V); scores, exp and
+    sums are float32, the output in q's dtype. Returns (b, H, L, P)."""
+    b, H, L, P = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    R = H // Hkv
+    s = (q * scale).reshape(b, Hkv, R * L, P) @ k.swapaxes(-1, -2)  # (b, Hkv, R*L, T)
+    s = s.reshape(b, Hkv, R, L, T)
+    m = _grouped(m[:, :, None, :], Hkv, R)
+    keep = None if keep is None else _grouped(keep, Hkv, R)
+    exp_scores = _exp_scores_compiled if compile_allowed() else _exp_scores
+    e, denom = exp_scores(s, m, keep, mask_min(mx.float32))
+    out = (e.astype(v.dtype).reshape(b, Hkv, R * L, T) @ v) / denom.reshape(b, Hkv, R * L, 1).astype(v.dtype)
+    return out.reshape(b, H, L, P)
+
+
+def compile_allowed() -> bool:
+    """Whether small pure helpers may run ``mx.compile``d (MLX fuses their elementwise
+    operations into one kernel); ``CHEEMS_MLX_COMPILE=0`` runs every operation eagerly."""
+    return os.environ.get("CHEEMS_MLX_COMPILE", "1") != "0"
 
 
 def evaluate_now(x: mx.array) -> None:
@@ -455,6 +524,10 @@ class DynamicMaskAttention(nn.Module):
         end = None if quantized or self.rule != "keep_window" or self.training else key_end(valid)
         if end is not None and end < bias.shape[-1]:  # keys no row may see: leave them out
             k, v, bias, valid = k[..., :end, :], v[..., :end, :], bias[..., :end], valid[..., :end]
+        if not quantized and self.rule in ("keep_window", "cheems_ratio"):
+            keep = kept_keys(bias, valid, L, self.rule, self.keep_window_size, self.ratio)
+            m = mx.minimum(bias.astype(mx.float32), -mask_min(mx.float32))
+            return masked_attention(q, k, v, m, keep, self.scale)
         mask = attention_mask(bias, valid, L, H, self.rule, self.keep_window_size, self.ratio, min_value)
         if quantized:
             return quantized_attention(q, k, v, mask, self.scale, kv_cache.group_size, kv_cache.bits)

@@ -259,16 +259,18 @@ class _StepBuffer:
     """One attention cache (K/V, or the key bias) inside ``Model.compiled_step``: the whole
     buffer, written at a traced ``offset`` (``mx.slice_update``: in place once evaluated,
     the buffer being donated), and the mask of the keys written so far (KVCache's
-    ``make_mask`` semantics for one query at position ``offset``)."""
+    ``make_mask`` semantics for queries at positions ``offset``, ``offset + 1``, ...)."""
 
     def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
         self.keys, self.values, self.offset = keys, values, offset
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None) -> mx.array:
+        """(N, T) bool: query i (at position offset + i) sees the written keys up to its own."""
         pos = mx.arange(self.keys.shape[2])
-        valid = pos <= self.offset
+        rows = self.offset + mx.arange(N)[:, None]
+        valid = pos <= rows
         if window_size is not None:
-            valid = valid & (pos > self.offset - window_size)
+            valid = valid & (pos > rows - window_size)
         return valid
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -309,7 +311,8 @@ class Model(nn.Module):
     vocab_limit: Optional[int] = None
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
-        if input_embeddings is None and inputs.ndim == 2 and inputs.shape[1] == 1 and self.step_compilable(cache):
+        if input_embeddings is None and inputs.ndim == 2 and 1 <= inputs.shape[1] <= SSDCache.window \
+                and self.step_compilable(cache):
             return self.compiled_step(inputs, cache)
         return self.head(self.model(inputs, cache, input_embeddings))
 
@@ -324,7 +327,9 @@ class Model(nn.Module):
         return logits
 
     def step_compilable(self, cache) -> bool:
-        """Whether a one-token call runs as ONE compiled function (``compiled_step``): every
+        """Whether a short call on a filled cache (a decode step, the verification of drafted
+        tokens: up to ``SSDCache.window`` tokens) runs as ONE compiled function
+        (``compiled_step``): every
         layer's decode step compiles (``DecoderLayer.decode_compilable``), the attention
         caches are plain ``KVCache`` pairs that already hold keys (no quantized, rotating or
         batched caches), and the mask rule is ``keep_window``: it attends over the whole
@@ -345,8 +350,11 @@ class Model(nn.Module):
         return True
 
     def compiled_step(self, inputs: mx.array, cache) -> mx.array:
-        """One decode step of the whole model as one ``mx.compile``d function: the embedding,
-        every layer (SSD recurrence step; DMA projections, the write of k, v and the key bias
+        """A decode step (or a short call of l <= ``SSDCache.window`` tokens: a verification of
+        drafted tokens) of the whole model as one ``mx.compile``d function, traced once per l
+        and buffer size: the embedding,
+        every layer (SSD recurrence step, or for l > 1 the state after each token, which the
+        SSDCache keeps for rollback; DMA projections, the write of k, v and the key bias
         into the cache buffers at the current offset, the mask over the buffer and the
         attention; the feed-forward) and the head. On the CPU backend each MLX operation costs
         microseconds of dispatch and a step has hundreds, so one traced graph -- with MLX's
@@ -359,13 +367,14 @@ class Model(nn.Module):
         fns = self.__dict__.setdefault("_step_fns", {})
         if key not in fns:
             fns[key] = mx.compile(self._step, inputs=self.state)
+        l = inputs.shape[1]
         states, buffers = [], []
         for layer, c in zip(self.layers, cache):
             if layer.layer_type == "ssd":
                 states.append((c[0], c[1]))
                 continue
             kv, bias = c[0], c[1]
-            if kv.offset >= kv.keys.shape[2]:  # room for one more key, as KVCache.update_and_fetch grows
+            if kv.offset + l > kv.keys.shape[2]:  # room for l more keys, as KVCache.update_and_fetch grows
                 for buf in (kv, bias):
                     b, h, T, p = buf.keys.shape
                     grow = mx.zeros((b, h, buf.step, p), buf.keys.dtype)
@@ -376,22 +385,24 @@ class Model(nn.Module):
         logits, states, buffers = fns[key](inputs, states, buffers)
         for layer, c in zip(self.layers, cache):
             if layer.layer_type == "ssd":
-                state, offset = states.pop(0)
+                kept, offsets = states.pop(0)
                 if isinstance(c, SSDCache):
-                    c.record([state], [offset], 1)
+                    c.record(kept, offsets, l)
                 else:
-                    c[0], c[1] = state, offset
-                c.advance(1)
+                    c[0], c[1] = kept[-1], offsets[-1]
+                c.advance(l)
                 continue
             kv, bias = c[0], c[1]
             kv.keys, kv.values, bias.keys = buffers.pop(0)
-            kv.offset += 1
-            bias.offset += 1
+            kv.offset += l
+            bias.offset += l
         return logits
 
     def _step(self, inputs, states, buffers):
-        """``compiled_step``'s traced function: (tokens (b, 1), [(S, offset)] per SSD layer,
-        [(keys, values, bias keys, offset)] per attention layer) -> (logits, the same, updated)."""
+        """``compiled_step``'s traced function: (tokens (b, l), [(S, offset)] per SSD layer,
+        [(keys, values, bias keys, offset)] per attention layer) -> (logits, [(the states after
+        each token (one for l = 1), their offsets)], [(keys, values, bias keys)] updated)."""
+        l = inputs.shape[1]
         h = self.model.word_embed(inputs)
         states, buffers = list(states), list(buffers)
         new_states, new_buffers = [], []
@@ -399,8 +410,8 @@ class Model(nn.Module):
             x = layer.pre_sequence_layernorm(h)
             if layer.layer_type == "ssd":
                 state, offset = states.pop(0)
-                out, kept = layer.ssd.mix(x, state, offset)
-                new_states.append((kept[-1], offset + 1))
+                out, kept = layer.ssd.mix(x, state, offset, keep=l > 1)
+                new_states.append((kept, [(offset + k).astype(mx.int32) for k in range(l - len(kept) + 1, l + 1)]))
             else:
                 keys, values, bias, offset = buffers.pop(0)
                 kv = _StepBuffer(keys, values, offset)

@@ -165,7 +165,8 @@ def test_quantized_kv_cache_stays_close_to_the_float_forward():
          "quantized-kv", "dynamic-rope-eager"],
 )
 def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, path, monkeypatch):
-    """A decode step runs as one mx.compile'd function of the whole model (Model.compiled_step:
+    """A decode step, and a short call of a few tokens, runs as one mx.compile'd function of
+    the whole model (Model.compiled_step:
     plain KVCache buffers, a key-count-free mask rule) or through each DecoderLayer's compiled
     functions (other caches / rules); the same steps with CHEEMS_MLX_COMPILE=0 (every
     operation eager) give the same logits to float32 rounding, also after the parameters
@@ -183,7 +184,8 @@ def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, path, mo
         out = [model(ids[:, t : t + 1], cache=cache) for t in range(10, 18)]
         layer = model.layers[0]
         layer.pre_state_layernorm.weight = layer.pre_state_layernorm.weight * 1.5  # as a fine-tune would
-        out += [model(ids[:, t : t + 1], cache=cache) for t in range(18, 26)]
+        out += [model(ids[:, 18:22], cache=cache)]  # a short call (a verification): compiled too
+        out += [model(ids[:, t : t + 1], cache=cache) for t in range(22, 26)]
         layer.pre_state_layernorm.weight = layer.pre_state_layernorm.weight / 1.5
         return np.array(mx.concatenate(out, axis=1))
 
