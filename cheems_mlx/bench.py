@@ -20,6 +20,7 @@ by the package itself, no ``LD_PRELOAD``).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -425,9 +426,11 @@ def suite_generation(out: Path, prompts=(512, 2048), new_tokens=64, reps=3, thre
                   f"float32 floor {d['floor_tps']:.0f} tok/s: **{d['decode_of_floor']:.0%} of the floor**. "
                   f"LoRA fine-tuning (`python -m cheems_mlx.lora`, example completion data): "
                   f"**{lora:.0f} tokens/s**.", "",
-              f"One decode step of the default model (64-token cache): {step['ops']} MLX operations, "
-              f"{step['step_ms']:.2f} ms.", "", "| part | ms |", "|---|---:|"]
-    lines += [f"| {k} (compiled decode) | {v:.2f} |" for k, v in step["layers_ms"].items()]
+              "One decode step of the default model (64-token cache) in each form (`CHEEMS_MLX_COMPILE` "
+              "= 1, the default / layers / 0):", "", "| form | MLX operations | ms |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['ops']} | {v['step_ms']:.2f} |" for k, v in step["forms"].items()]
+    lines += ["", "| part | ms |", "|---|---:|"]
+    lines += [f"| {k} (per-layer compiled) | {v:.2f} |" for k, v in step["layers_ms"].items()]
     lines += [f"| {k} (each module eager) | {v:.2f} |" for k, v in step["modules_uncompiled_ms"].items()]
     lines += ["", "Where the time goes (Doge 55M: decode against a 512-token cache; prefill attention core at "
                   "2,048 tokens):", "", "| part | ms | GB/s |", "|---|---:|---:|"]
@@ -453,13 +456,29 @@ def count_ops(*outputs) -> dict:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+@contextlib.contextmanager
+def compile_mode(mode: str):
+    """CHEEMS_MLX_COMPILE=mode inside the block (model.compiled_decode_enabled reads it)."""
+    previous = os.environ.get("CHEEMS_MLX_COMPILE")
+    os.environ["CHEEMS_MLX_COMPILE"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("CHEEMS_MLX_COMPILE") if previous is None else os.environ.update(CHEEMS_MLX_COMPILE=previous)
+
+
+STEP_MODES = {"1": "whole-model compiled step", "layers": "per-layer compiled functions", "0": "every operation eager"}
+
+
 def step_profile(model, prompt=64, reps=15) -> dict:
-    """One decode step of ``model`` against a ``prompt``-token cache: the MLX operations it
-    runs (by kind), its time, and the time per part, each part evaluated on its own: per
-    layer type ("ssd layer", "attn layer"; with the layers' compiled decode), and per module
-    with compilation off (``CHEEMS_MLX_COMPILE=0``: norms, residuals, mixers, feed-forwards).
-    "rest" is the embedding, the head and the glue. Per-part times include one evaluation
-    each, so they add up to a little more than the step."""
+    """One decode step of ``model`` against a ``prompt``-token cache in each form
+    (``STEP_MODES``: the whole model as one compiled function, as shipped; each layer's
+    compiled functions, the form before; every operation eager): the MLX operations it runs
+    (by kind) and its median time; then the time per part, each part evaluated on its own:
+    per layer type ("ssd layers", "attn layers") with the per-layer compiled functions, and
+    per module eagerly (norms, residuals, mixers, feed-forwards). "rest" is the embedding,
+    the head and the glue. Per-part times include one evaluation each, so they add up to a
+    little more than the step."""
     from .model import DecoderLayer
 
     def fresh():
@@ -468,12 +487,17 @@ def step_profile(model, prompt=64, reps=15) -> dict:
         return cache
 
     tok = mx.array([[5]])
-    ops = count_ops(model(tok, cache=fresh()))
-    times = []
-    for cache in [fresh() for _ in range(reps)]:
-        tic = time.perf_counter()
-        mx.eval(model(tok, cache=cache))
-        times.append(time.perf_counter() - tic)
+    forms = {}
+    for mode, name in STEP_MODES.items():
+        with compile_mode(mode):
+            mx.eval(model(tok, cache=fresh()))  # traces the compiled functions
+            ops = count_ops(model(tok, cache=fresh()))
+            times = []
+            for cache in [fresh() for _ in range(reps)]:
+                tic = time.perf_counter()
+                mx.eval(model(tok, cache=cache))
+                times.append(time.perf_counter() - tic)
+        forms[name] = {"ops": sum(ops.values()), "ops_by_kind": ops, "step_ms": 1e3 * statistics.median(times)}
 
     def parts(name_of: dict) -> dict:
         """ms per part: ``name_of`` maps module classes to a function naming an instance."""
@@ -508,21 +532,19 @@ def step_profile(model, prompt=64, reps=15) -> dict:
         ms["rest"] = 1e3 * statistics.median(per_step) - sum(ms.values())
         return ms
 
-    by_layer = parts({DecoderLayer: lambda layer: f"{layer.layer_type} layers"})
+    with compile_mode("layers"):
+        by_layer = parts({DecoderLayer: lambda layer: f"{layer.layer_type} layers"})
     modules = {}
     for layer in model.layers:
         modules[type(layer.pre_sequence_layernorm)] = lambda m: "norms"
         modules[type(layer.post_sequence_residual)] = lambda m: "residuals"
         modules[type(layer.mixer)] = lambda m: f"{type(m).__name__}"
         modules[type(layer.feed_forward)] = lambda m: f"feed-forward ({type(m).__name__})"
-    previous = os.environ.get("CHEEMS_MLX_COMPILE")
-    os.environ["CHEEMS_MLX_COMPILE"] = "0"
-    try:
+    with compile_mode("0"):
         by_module = parts(modules)
-    finally:
-        os.environ.pop("CHEEMS_MLX_COMPILE") if previous is None else os.environ.update(CHEEMS_MLX_COMPILE=previous)
-    return {"ops": sum(ops.values()), "ops_by_kind": ops, "step_ms": 1e3 * statistics.median(times),
-            "layers_ms": by_layer, "modules_uncompiled_ms": by_module}
+    shipped = forms[STEP_MODES["1"]]
+    return {"ops": shipped["ops"], "ops_by_kind": shipped["ops_by_kind"], "step_ms": shipped["step_ms"],
+            "forms": forms, "layers_ms": by_layer, "modules_uncompiled_ms": by_module}
 
 
 def _matrices(model) -> list:

@@ -162,11 +162,16 @@ class Residual(nn.Module):
         return self.weight * residual + update
 
 
-def compiled_decode_enabled(training: bool = False) -> bool:
-    """Whether a decode step (one token, a cache) runs through ``DecoderLayer``'s compiled
-    functions: not training, not on the Metal kernel path (which fuses its own way), and the
-    environment does not say ``CHEEMS_MLX_COMPILE=0``."""
-    return not training and os.environ.get("CHEEMS_MLX_COMPILE", "1") != "0" and not kernels.enabled()
+def compiled_decode_enabled(training: bool = False, whole_model: bool = False) -> bool:
+    """Whether a decode step runs compiled: not training, not on the Metal kernel path (which
+    fuses its own way), and as the environment says -- ``CHEEMS_MLX_COMPILE=1`` (the default)
+    the whole model's step as one function (``Model.compiled_step``), ``=layers`` only each
+    ``DecoderLayer``'s compiled functions (the previous form, kept for profiling), ``=0``
+    every operation eagerly."""
+    mode = os.environ.get("CHEEMS_MLX_COMPILE", "1").strip()
+    if training or mode == "0" or kernels.enabled():
+        return False
+    return mode != "layers" if whole_model else True
 
 
 class DecoderLayer(nn.Module):
@@ -337,7 +342,7 @@ class Model(nn.Module):
         newest key is always kept) do not notice; the ratio rules rank over exactly the
         cached keys and ``hard`` can mask a whole row (uniform over the keys there are).
         """
-        if cache is None or len(cache) != len(self.layers):
+        if cache is None or len(cache) != len(self.layers) or not compiled_decode_enabled(self.training, True):
             return False
         for layer, c in zip(self.layers, cache):
             if not layer.decode_compilable(c):
