@@ -1,6 +1,7 @@
 """Pretraining a Cheems model from scratch on plain text.
 
     python -m cheems_mlx.train prepare --text corpus.txt --out data/ --vocab-size 4096
+    python -m cheems_mlx.train prepare --text corpus.txt --out data/ --tokenizer some-model/  # reuse
     python -m cheems_mlx.train fit --data data/ --model-config model.json --out run/ --steps 2000
     python -m cheems_mlx.train export --run run/ --out my-model/ --dtype float16
 
@@ -128,7 +129,34 @@ def encode_documents(out: Path, docs: List[str]) -> np.ndarray:
     return np.array(ids, dtype=dtype)
 
 
-def prepare(texts: List[Path], out: Path, vocab_size: int, val_fraction: float) -> Dict:
+def reuse_tokenizer(source: Path, out: Path, vocab_size: Optional[int]) -> int:
+    """Copy the sentencepiece tokenizer of a model or prepared-data folder ``source`` into
+    ``out`` (so a new model -- a draft for speculative decoding -- shares its token ids);
+    returns its vocabulary size."""
+    import shutil
+
+    import sentencepiece as spm
+
+    model_file = source / "tokenizer.model"
+    if not model_file.is_file():
+        raise TrainError(f"--tokenizer {source}: no tokenizer.model there (a model or prepared-data folder "
+                         "with a sentencepiece tokenizer)")
+    try:
+        size = spm.SentencePieceProcessor(model_file=str(model_file)).get_piece_size()
+    except (RuntimeError, OSError) as e:
+        raise TrainError(f"--tokenizer {source}: tokenizer.model does not load ({e})") from None
+    if vocab_size is not None and vocab_size != size:
+        raise TrainError(f"--vocab-size {vocab_size} differs from the {size} tokens of --tokenizer {source}")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    return size
+
+
+def prepare(texts: List[Path], out: Path, vocab_size: Optional[int], val_fraction: float,
+            tokenizer: Optional[Path] = None) -> Dict:
+    """Tokenize ``texts`` into ``out``: a new tokenizer of ``vocab_size`` (default 4096) trained
+    on the training split, or the one of the folder ``tokenizer``."""
     if not 0 < val_fraction < 0.5:
         raise TrainError("--val-fraction must be in (0, 0.5)")
     docs = read_documents(texts)
@@ -138,7 +166,11 @@ def prepare(texts: List[Path], out: Path, vocab_size: int, val_fraction: float) 
     if not val_docs:
         raise TrainError(f"only {len(docs)} documents: too few for a held-out split")
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(train_docs, out, vocab_size)
+    if tokenizer is not None:
+        vocab_size = reuse_tokenizer(tokenizer, out, vocab_size)
+    else:
+        vocab_size = vocab_size or 4096
+        train_tokenizer(train_docs, out, vocab_size)
     train_ids, val_ids = encode_documents(out, train_docs), encode_documents(out, val_docs)
     np.save(out / "train.npy", train_ids)
     np.save(out / "val.npy", val_ids)
@@ -147,6 +179,7 @@ def prepare(texts: List[Path], out: Path, vocab_size: int, val_fraction: float) 
         "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
         "vocab_size": vocab_size,
         "sources": [str(p) for p in texts],
+        "tokenizer": str(tokenizer) if tokenizer is not None else "trained",
     }
     (out / "data.json").write_text(json.dumps(info, indent=2))
     return info
@@ -346,10 +379,13 @@ def export(run: Path, data: Optional[Path], out: Path, dtype: str = "float16", f
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m cheems_mlx.train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="train a tokenizer and tokenize a text corpus")
+    pp = sub.add_parser("prepare", help="train a tokenizer (or reuse one) and tokenize a text corpus")
     pp.add_argument("--text", type=Path, nargs="+", required=True)
     pp.add_argument("--out", type=Path, required=True)
-    pp.add_argument("--vocab-size", type=int, default=4096)
+    pp.add_argument("--vocab-size", type=int, default=None, help="of the trained tokenizer (default 4096)")
+    pp.add_argument("--tokenizer", type=Path, default=None,
+                    help="reuse the sentencepiece tokenizer of this model / data folder instead of training one "
+                         "(a draft model for speculative decoding must share its target's tokens)")
     pp.add_argument("--val-fraction", type=float, default=0.05)
     pf = sub.add_parser("fit", help="train a model on prepared data")
     pf.add_argument("--data", type=Path, required=True)
@@ -379,7 +415,7 @@ def main(argv=None):
 
     def body():
         if a.cmd == "prepare":
-            info = prepare(a.text, a.out, a.vocab_size, a.val_fraction)
+            info = prepare(a.text, a.out, a.vocab_size, a.val_fraction, a.tokenizer)
             print(json.dumps(info, indent=2))
         elif a.cmd == "fit":
             if not a.resume and a.model_config is None:

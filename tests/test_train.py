@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cheems_mlx.train import TrainError, fit, latest_checkpoint, prepare
@@ -124,3 +125,33 @@ def test_prepare_missing_file_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "nope.txt" in proc.stderr
+
+
+def test_prepare_can_reuse_a_models_tokenizer(data, tmp_path):
+    """--tokenizer: the data of a draft model get the target's token ids (sentencepiece itself,
+    loading the shipped model's tokenizer, is the reference); bad folders and a contradicting
+    --vocab-size are one-line errors."""
+    import sentencepiece as spm
+
+    from cheems_mlx.loading import resolve_model_path
+
+    root, _ = data
+    shipped = resolve_model_path(None)
+    out = tmp_path / "draft_data"
+    proc = subprocess.run([sys.executable, "-m", "cheems_mlx.train", "prepare", "--text", str(root / "corpus.txt"),
+                           "--out", str(out), "--tokenizer", str(shipped)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "data.json").read_text())
+    ref = spm.SentencePieceProcessor(model_file=str(shipped / "tokenizer.model"))
+    assert info["vocab_size"] == ref.get_piece_size() and info["tokenizer"] == str(shipped)
+    assert (out / "tokenizer.model").read_bytes() == (shipped / "tokenizer.model").read_bytes()
+    docs = (root / "corpus.txt").read_text().split("\n\n")
+    val = [d.strip() for i, d in enumerate(docs) if i % 20 == 19]  # --val-fraction 0.05: every 20th
+    want = [t for d in val for t in [ref.bos_id(), *ref.encode(d), ref.eos_id()]]
+    assert np.load(out / "val.npy").tolist() == want
+    for extra, needle in ((["--tokenizer", str(tmp_path / "none")], "no tokenizer.model"),
+                          (["--tokenizer", str(shipped), "--vocab-size", "300"], "--vocab-size 300 differs")):
+        proc = subprocess.run([sys.executable, "-m", "cheems_mlx.train", "prepare", "--text", str(root / "corpus.txt"),
+                               "--out", str(tmp_path / "bad"), *extra], capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
