@@ -417,7 +417,7 @@ def test_server_with_a_draft_model_answers_as_plain_greedy(default_model):
 
 def test_rollback_with_the_metal_kernels_on_the_emulator(tiny_cheems):
     """With the kernels on: prefill and decode take the kernels, a verification call the ops
-    path with every state kept; a short first call takes the scan kernel (not kept)."""
+    path with every state kept; a short first call (a short prompt) keeps its states too."""
     from metal_emulator import make_factory
 
     from cheems_mlx import kernels
@@ -427,8 +427,41 @@ def test_rollback_with_the_metal_kernels_on_the_emulator(tiny_cheems):
     with kernels.backend(make_factory(schedule="inorder")):
         rollback_case(tiny_cheems, tokens[:20], tokens[20:26], 2, [1, 5])
         cache = make_prompt_cache(tiny_cheems)
-        feed(tiny_cheems, cache, tokens[:4])
-        assert cache[0].trimmable_tokens() == 0
+        feed(tiny_cheems, cache, tokens[:5])  # a short first call: every state kept
+        assert cache[0].trimmable_tokens() == 5
+        assert trim_prompt_cache(cache, 3) == 3
+        fresh = make_prompt_cache(tiny_cheems)
+        feed(tiny_cheems, fresh, tokens[:2])
+        assert_same_caches(cache, fresh)
+        nxt = tokens[5:7]
+        np.testing.assert_allclose(np.array(feed(tiny_cheems, cache, nxt)), np.array(feed(tiny_cheems, fresh, nxt)),
+                                   **TOL)
+
+
+def test_draft_model_decoding_from_a_one_token_prompt_with_the_metal_kernels_on_the_emulator(default_model):
+    """mlx-lm verifies the first drafts in the first call on an empty cache and trims into it."""
+    from metal_emulator import make_factory
+
+    from cheems_mlx import kernels
+
+    _, tokenizer = default_model  # a random hybrid on its vocabulary (4096), drafted by itself and another
+    args = ModelArgs(
+        vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
+        ssd_chunk_size=8, is_moe=False, max_position_embeddings=256,
+    )
+    mx.random.seed(21)
+    model = Model(args)
+    model.eval()
+    mx.eval(model.parameters())
+    mx.random.seed(22)
+    draft = Model(args)
+    mx.eval(draft.parameters())
+    with kernels.backend(make_factory(schedule="inorder")):
+        plain, _ = greedy_tokens(model, tokenizer, [1], 8)
+        for d in (model, draft):
+            spec, _ = greedy_tokens(model, tokenizer, [1], 8, draft_model=d, num_draft_tokens=3)
+            assert spec == plain
 
 
 # ---------------------------------------------------------------- the server's prompt lookup
