@@ -8,8 +8,13 @@ their last tokens (``ssd.SSDCache``), so a longer cached prompt is reused by tri
 when the trim fits; otherwise the nearest shorter prompt (or none) is used. (mlx-lm drops the
 shorter prompts of a trimmable cache when a longer one is stored, so a prompt that branches
 off more than ``SSDCache.window`` tokens before the end of a stored one is recomputed. This
-applies to the unbatched path -- a draft model, prompt lookup, a seed, --kv-bits; the batched
-path stores plain ``ArraysCache`` copies, which mlx-lm reuses by exact prefix only.) A cache is
+applies to the unbatched path -- a draft model, prompt lookup, a seed, --kv-bits. The batched
+path stores what ``BatchGenerator.extract_cache`` returns, and mlx-lm's ``ArraysCache.extract``
+builds a plain ``ArraysCache``: the SSDCache class and its kept states are dropped, the stored
+list is not trimmable, and mlx-lm reuses it only as a shorter prefix of a new prompt, never by
+trimming a longer one. Trimming there would need SSDCache's ``extract`` / ``filter`` /
+``extend`` to carry each row's kept states -- the batch is filtered or extended whenever a
+request joins or leaves, which now restarts every row's history -- not done yet.) A cache is
 stored under exactly the tokens it holds: after speculative decoding it is one token short of
 the conversation (or a few drafted tokens past a stop), which mlx-lm would store under the
 whole conversation.

@@ -597,3 +597,28 @@ def test_server_rejects_bad_prompt_lookup_flags(extra, needle):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_batched_server_requests_answer_as_plain_greedy(default_model):
+    """Without a draft model or --prompt-lookup, concurrent requests share mlx-lm's batch."""
+    import threading
+
+    from test_generation import post
+
+    from cheems_mlx.loading import resolve_model_path
+    from conftest import served
+
+    model, tokenizer = default_model
+    prompts = [COPY_HEAVY, FREE]  # different lengths: the shorter one is left-padded in the batch
+    expected = [greedy_text(model, tokenizer, p, 12) for p in prompts]
+    answers = [None] * len(prompts)
+    with served(resolve_model_path(None)) as port:
+        def ask(i):
+            answers[i] = post(port, "/v1/completions", {"prompt": prompts[i], "max_tokens": 12, "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [a["choices"][0]["text"] for a in answers] == expected
