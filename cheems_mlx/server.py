@@ -8,8 +8,26 @@ their last tokens (``ssd.SSDCache``), so a longer cached prompt is reused by tri
 when the trim fits; otherwise the nearest shorter prompt (or none) is used. (mlx-lm drops the
 shorter prompts of a trimmable cache when a longer one is stored, so a prompt that branches
 off more than ``SSDCache.window`` tokens before the end of a stored one is recomputed. This
-applies to the unbatched path -- a draft model, a seed, --kv-bits; the batched path stores
-plain ``ArraysCache`` copies, which mlx-lm reuses by exact prefix only.)
+applies to the unbatched path -- a draft model, prompt lookup, a seed, --kv-bits. The batched
+path stores what ``BatchGenerator.extract_cache`` returns, and mlx-lm's ``ArraysCache.extract``
+builds a plain ``ArraysCache``: the SSDCache class and its kept states are dropped, the stored
+list is not trimmable, and mlx-lm reuses it only as a shorter prefix of a new prompt, never by
+trimming a longer one. Trimming there would need SSDCache's ``extract`` / ``filter`` /
+``extend`` to carry each row's kept states -- the batch is filtered or extended whenever a
+request joins or leaves, which now restarts every row's history -- not done yet.) A cache is
+stored under exactly the tokens it holds: after speculative decoding it is one token short of
+the conversation (or a few drafted tokens past a stop), which mlx-lm would store under the
+whole conversation.
+
+``--prompt-lookup N`` (ours; ``--prompt-lookup-ngram G``, default 3) serves requests with
+prompt-lookup decoding (``cheems_mlx.speculative``): up to N proposed tokens, the ones that
+followed the latest earlier occurrence of the last G tokens in the conversation (the reused
+prefix included) and the answer so far, verified in one call -- lossless, as in
+``cheems_mlx.generate``. Such a server serves requests one by one, as mlx-lm serves draft-model
+requests (mlx-lm's ``BatchGenerator`` has no proposals); a request with a logits processor
+(repetition / presence / frequency penalty, logit bias) decodes plainly. N is 1..15 (the SSD
+caches roll back over calls of at most 16 tokens); it cannot be combined with
+``--draft-model`` or ``--kv-bits``.
 
 Under ``mlx.launch`` mlx-lm's server runs one generation loop per rank in lockstep and
 rank 0 answers HTTP; here the model is then loaded shard by shard
@@ -23,16 +41,38 @@ sets what the weights compute in, as in ``cheems_mlx.generate``.
 import copy
 import os
 import sys
+from typing import List, Optional
 
-from mlx_lm.models.cache import LRUPromptCache
+from mlx_lm.models.cache import CacheList, LRUPromptCache
 
-from .ssd import RollbackError
+from .ssd import RollbackError, SSDCache
+
+
+def _cached_tokens(c) -> Optional[int]:
+    """How many tokens a single-sequence cache holds, or None when it does not say."""
+    if isinstance(c, SSDCache):
+        return 0 if c[1] is None else int(c[1].reshape(-1)[0].item()) if c[1].size == 1 else None
+    if isinstance(c, CacheList):
+        counts = [_cached_tokens(x) for x in c.caches]
+        return None if None in counts or len(set(counts)) != 1 else counts[0]
+    offset = getattr(c, "offset", None)
+    return offset if isinstance(offset, int) else None
 
 
 class RollbackPromptCache(LRUPromptCache):
-    """mlx-lm's LRU prompt cache for caches that roll back a bounded number of tokens."""
+    """mlx-lm's LRU prompt cache for caches that roll back a bounded number of tokens.
+
+    ``insert_cache`` stores a cache under exactly the tokens it holds: speculative decoding
+    (mlx-lm's draft model, our prompt lookup) ends with the caches one token short of the
+    tokens the server saw (the last token was sampled, not fed) or a few drafted tokens past a
+    stop; the caches are trimmed to the shortest of them and stored under that many tokens
+    (nothing is stored when a trim does not fit). ``last_fetched`` is the token list of the
+    latest fetch (the prompt-lookup proposals search the reused prefix too)."""
+
+    last_fetched: Optional[List[int]] = None
 
     def fetch_nearest_cache(self, model, tokens):
+        self.last_fetched = list(tokens)
         try:
             return super().fetch_nearest_cache(model, tokens)
         except RollbackError:  # the longer cached prompt is too far ahead: use a shorter one
@@ -42,8 +82,55 @@ class RollbackPromptCache(LRUPromptCache):
                 return copy.deepcopy(entry.prompt_cache), tokens[len(result.shorter):]
             return None, tokens
 
+    def insert_cache(self, model, tokens, prompt_cache, **kwargs):
+        counts = [_cached_tokens(c) for c in prompt_cache]
+        if None not in counts and counts:
+            n = min(counts + [len(tokens)])
+            try:
+                for c, k in zip(prompt_cache, counts):
+                    if k > n:
+                        c.trim(k - n)
+            except RollbackError:
+                return  # the excess reaches into a long call: this cache cannot be stored
+            tokens = tokens[:n]
+            if not tokens:
+                return
+        super().insert_cache(model, tokens, prompt_cache, **kwargs)
+
 
 DTYPE = "auto"  # --dtype (loading.compute_dtype): float32 on the CPU backend, as stored on Metal
+PROMPT_LOOKUP = None  # --prompt-lookup N [--prompt-lookup-ngram G]: dict(num_draft_tokens=N, ngram_size=G)
+
+
+def _stream_generate(model, tokenizer, prompt, max_tokens=256, draft_model=None, *, prompt_cache=None, **kwargs):
+    """mlx-lm's ``stream_generate`` as the server calls it; with --prompt-lookup, prompt-lookup
+    decoding (``speculative.stream_prompt_lookup``, the same responses) for the requests it
+    serves as plain decoding would: no draft model, no logits processors (repetition / presence
+    penalties, logit bias: those requests decode plainly), no input embeddings."""
+    from mlx_lm.generate import stream_generate
+
+    if (PROMPT_LOOKUP is None or draft_model is not None or kwargs.get("logits_processors")
+            or kwargs.get("input_embeddings") is not None or prompt_cache is None):
+        return stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, draft_model=draft_model,
+                               prompt_cache=prompt_cache, **kwargs)
+    from .speculative import stream_prompt_lookup
+
+    prompt = [int(t) for t in prompt]
+    # the prefix the prompt cache already holds (the server feeds only the rest)
+    fetched = getattr(_PROMPT_CACHE, "last_fetched", None) or []
+    context = fetched[: len(fetched) - len(prompt)] if fetched[len(fetched) - len(prompt):] == prompt else []
+    keep = ("sampler", "prefill_step_size", "prompt_progress_callback", "stream")
+    return stream_prompt_lookup(model, tokenizer, prompt, max_tokens, prompt_cache=prompt_cache, context=context,
+                                **PROMPT_LOOKUP, **{k: v for k, v in kwargs.items() if k in keep and v is not None})
+
+
+_PROMPT_CACHE = None  # the server's RollbackPromptCache
+
+
+def _make_prompt_cache(*args, **kwargs):
+    global _PROMPT_CACHE
+    _PROMPT_CACHE = RollbackPromptCache(*args, **kwargs)
+    return _PROMPT_CACHE
 
 
 def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=False, **_):
@@ -82,6 +169,33 @@ def _pop_flag(argv, name):
     return out, value
 
 
+def _int_flag(name, value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} takes an integer (got {value!r})") from None
+
+
+def _set_prompt_lookup(lookup, ngram, argv):
+    """--prompt-lookup N / --prompt-lookup-ngram G, checked as generate checks them."""
+    global PROMPT_LOOKUP
+    from .speculative import check_num_draft_tokens
+
+    if lookup is None:
+        if ngram is not None:
+            raise ValueError("--prompt-lookup-ngram needs --prompt-lookup")
+        return
+    n = _int_flag("--prompt-lookup", lookup)
+    check_num_draft_tokens(n, "--prompt-lookup")
+    g = 3 if ngram is None else _int_flag("--prompt-lookup-ngram", ngram)
+    if g < 1:
+        raise ValueError(f"--prompt-lookup-ngram must be >= 1 (got {g})")
+    for flag in ("--draft-model", "--kv-bits"):
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise ValueError(f"--prompt-lookup cannot be combined with {flag}")
+    PROMPT_LOOKUP = dict(num_draft_tokens=n, ngram_size=g)
+
+
 def _patch_for_distributed(server, distributed):
     """Report each generation-loop iteration to the watchdog; stop the process when the
     loop dies in a distributed run (a lost rank), naming the cause in one line."""
@@ -118,6 +232,13 @@ def main(argv=None):
     argv, timeout = _pop_flag(argv, "--dist-timeout")
     argv, dtype = _pop_flag(argv, "--dtype")
     DTYPE = dtype or DTYPE
+    argv, lookup = _pop_flag(argv, "--prompt-lookup")
+    argv, ngram = _pop_flag(argv, "--prompt-lookup-ngram")
+    try:
+        _set_prompt_lookup(lookup, ngram, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sys.argv = [sys.argv[0]] + argv
     if "--model" not in sys.argv:
         try:  # fail now, not at the first request
@@ -131,7 +252,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     server.load = _load
-    server.LRUPromptCache = RollbackPromptCache
+    server.LRUPromptCache = _make_prompt_cache
+    if PROMPT_LOOKUP is not None:
+        # served one by one, as mlx-lm serves draft-model requests (BatchGenerator has no lookup)
+        server.ResponseGenerator._is_batchable = lambda self, args: False
+        server.stream_generate = _stream_generate
     server.sharded_load = _sharded_load
     if group.size() > 1:
         _patch_for_distributed(server, distributed)

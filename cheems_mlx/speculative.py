@@ -76,9 +76,17 @@ def prompt_lookup_generate_step(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     prompt_cache: Optional[list] = None,
     prefill_step_size: int = 2048,
+    context: Optional[List[int]] = None,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    stream=generation_stream,
 ) -> Iterator[Tuple[int, mx.array, bool]]:
     """Yields ``(token, logprobs (V,), from_draft)`` like mlx-lm's ``speculative_generate_step``;
-    ``from_draft`` is True for a token that was proposed by the lookup and accepted."""
+    ``from_draft`` is True for a token that was proposed by the lookup and accepted.
+
+    ``context``: the tokens already in ``prompt_cache`` before ``prompt`` (a server's reused
+    prefix); proposals are looked up in them too, nothing is computed for them.
+    ``prompt_progress_callback(processed, total)`` is called as the prompt is prefilled, as in
+    mlx-lm's ``generate_step``; ``stream`` is the stream the model runs on."""
     check_num_draft_tokens(num_draft_tokens, "num_draft_tokens")
     if ngram_size < 1:
         raise ValueError(f"ngram_size must be >= 1 (got {ngram_size})")
@@ -88,14 +96,21 @@ def prompt_lookup_generate_step(
         kinds = {type(c).__name__ for c in cache if not c.is_trimmable()}
         raise ValueError(f"prompt-lookup decoding needs trimmable caches (got {kinds})")
 
-    tokens = [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
-    with mx.stream(generation_stream):
-        y = mx.array(tokens, mx.uint32)
+    prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
+    if not prompt:
+        raise ValueError("prompt-lookup decoding needs at least one prompt token")
+    tokens = [int(t) for t in (context or [])] + prompt
+    total = len(prompt)
+    progress = prompt_progress_callback or (lambda processed, total: None)
+    with mx.stream(stream):
+        y = mx.array(prompt, mx.uint32)
         while y.size > 1:  # prefill all but the last prompt token
             n = min(prefill_step_size, y.size - 1)
             model(y[:n][None], cache=cache)
             mx.eval([c.state for c in cache])
             y = y[n:]
+            progress(total - y.size, total)
+        progress(total, total)
 
         ntoks = 0
         while True:
@@ -137,7 +152,7 @@ def stream_prompt_lookup(
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason,
         )
 
-    with wired_limit(model, [generation_stream]):
+    with wired_limit(model, [kwargs.get("stream", generation_stream)]):
         tic = time.perf_counter()
         steps = prompt_lookup_generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
         for n, (token, logprobs, from_draft) in enumerate(steps):

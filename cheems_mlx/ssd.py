@@ -23,8 +23,8 @@ module when ``kernels.enabled`` -- the ops functions above stay the reference, a
 kernel's first-use self-check (``ssd_step_self_check``, ``ssd_scan_self_check``) compares
 the two before the kernel is trusted (kernels.py). (A call of 2 to ``SSDCache.window``
 tokens on a rollback cache runs ``ssd_states`` on the ops path: no kernel emits
-per-position states yet. The first call on an empty cache still takes the scan kernel, so
-with the kernels on a short prompt cannot be rolled back into.)
+per-position states yet -- the first call on an empty cache too, so a short prompt can be
+rolled back into, as mlx-lm's draft decoding from a one-token prompt does.)
 
 Decode cache per layer: ``SSDCache`` (an ``ArraysCache(2)``) holding ``[S (batch,H,P,N)
 float32, offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
@@ -339,8 +339,9 @@ class SSDCache(ArraysCache):
     per token; ``history``
     holds the last ``window + 1`` such pairs (the oldest is the state before the kept tokens),
     across calls. ``trim(n)`` restores the pair from n tokens ago exactly (the same float32
-    arrays); a longer call (prefill) -- and, with the Metal kernels on, the first call on an
-    empty cache -- keeps only its final state, so trimming into it is refused
+    arrays), the Metal kernels on or off (a short call, the first one on an empty cache
+    included, takes the ops path); a longer call (prefill) keeps only its final state, so
+    trimming into it is refused
     (``RollbackError``, raised before anything is changed) -- ``trimmable_tokens()`` says how
     many tokens can be rolled back now; ``is_trimmable()`` says the cache type can.
     Memory: one kept state is batch * H * P * N * 4 bytes per SSD layer (64 KiB per row and
@@ -508,9 +509,10 @@ class StateSpaceDuality(nn.Module):
         state = cache[0] if cache is not None else None
         offset = cache[1] if cache is not None and cache[1] is not None else 0
         # a short call on a rollback cache keeps the state after each of its tokens (SSDCache),
-        # on the ops path; with the kernels on, a first call (a short prompt) takes the scan kernel
+        # on the ops path -- a first call too (mlx-lm's draft decoding from a one-token prompt
+        # trims into it)
         use_kernels = kernels.enabled(training=self.training)
-        keep = 1 < l <= getattr(cache, "window", 0) and not (use_kernels and cache.empty())
+        keep = 1 < l <= getattr(cache, "window", 0)
         out, states = self.mix(x, state, offset, mask, keep, use_kernels)
         if cache is not None:
             self.store(cache, states, offset, l)

@@ -417,7 +417,7 @@ def test_server_with_a_draft_model_answers_as_plain_greedy(default_model):
 
 def test_rollback_with_the_metal_kernels_on_the_emulator(tiny_cheems):
     """With the kernels on: prefill and decode take the kernels, a verification call the ops
-    path with every state kept; a short first call takes the scan kernel (not kept)."""
+    path with every state kept; a short first call (a short prompt) keeps its states too."""
     from metal_emulator import make_factory
 
     from cheems_mlx import kernels
@@ -427,5 +427,198 @@ def test_rollback_with_the_metal_kernels_on_the_emulator(tiny_cheems):
     with kernels.backend(make_factory(schedule="inorder")):
         rollback_case(tiny_cheems, tokens[:20], tokens[20:26], 2, [1, 5])
         cache = make_prompt_cache(tiny_cheems)
-        feed(tiny_cheems, cache, tokens[:4])
-        assert cache[0].trimmable_tokens() == 0
+        feed(tiny_cheems, cache, tokens[:5])  # a short first call: every state kept
+        assert cache[0].trimmable_tokens() == 5
+        assert trim_prompt_cache(cache, 3) == 3
+        fresh = make_prompt_cache(tiny_cheems)
+        feed(tiny_cheems, fresh, tokens[:2])
+        assert_same_caches(cache, fresh)
+        nxt = tokens[5:7]
+        np.testing.assert_allclose(np.array(feed(tiny_cheems, cache, nxt)), np.array(feed(tiny_cheems, fresh, nxt)),
+                                   **TOL)
+
+
+def test_draft_model_decoding_from_a_one_token_prompt_with_the_metal_kernels_on_the_emulator(default_model):
+    """mlx-lm verifies the first drafts in the first call on an empty cache and trims into it."""
+    from metal_emulator import make_factory
+
+    from cheems_mlx import kernels
+
+    _, tokenizer = default_model  # a random hybrid on its vocabulary (4096), drafted by itself and another
+    args = ModelArgs(
+        vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
+        ssd_chunk_size=8, is_moe=False, max_position_embeddings=256,
+    )
+    mx.random.seed(21)
+    model = Model(args)
+    model.eval()
+    mx.eval(model.parameters())
+    mx.random.seed(22)
+    draft = Model(args)
+    mx.eval(draft.parameters())
+    with kernels.backend(make_factory(schedule="inorder")):
+        plain, _ = greedy_tokens(model, tokenizer, [1], 8)
+        for d in (model, draft):
+            spec, _ = greedy_tokens(model, tokenizer, [1], 8, draft_model=d, num_draft_tokens=3)
+            assert spec == plain
+
+
+# ---------------------------------------------------------------- the server's prompt lookup
+
+
+def greedy_text(model, tokenizer, prompt, n):
+    from mlx_lm.generate import stream_generate
+
+    return "".join(r.text for r in stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=n))
+
+
+def test_server_stream_takes_prompt_lookup_for_plain_requests(default_model, monkeypatch):
+    """The server's stream_generate (as _serve_single calls it) with --prompt-lookup: proposals
+    are accepted and the tokens are plain greedy's; a request with a logits processor (a
+    repetition penalty) decodes plainly."""
+    from cheems_mlx import server
+
+    model, tokenizer = default_model
+    ids = tokenizer.encode(COPY_HEAVY)
+    plain, _ = greedy_tokens(model, tokenizer, ids, 30)
+    monkeypatch.setattr(server, "PROMPT_LOOKUP", dict(num_draft_tokens=4, ngram_size=3))
+    common = dict(max_tokens=30, sampler=None, prefill_step_size=2048, kv_bits=None, kv_group_size=64,
+                  quantized_kv_start=0, input_embeddings=None, num_draft_tokens=3)
+    out = list(server._stream_generate(model, tokenizer, ids, prompt_cache=make_prompt_cache(model),
+                                       logits_processors=[], **common))
+    assert [r.token for r in out] == plain and sum(r.from_draft for r in out) > 0
+    noop = lambda tokens, logits: logits  # noqa: E731
+    out = list(server._stream_generate(model, tokenizer, ids, prompt_cache=make_prompt_cache(model),
+                                       logits_processors=[noop], **common))
+    assert [r.token for r in out] == plain and not any(r.from_draft for r in out)
+
+
+@pytest.mark.parametrize("method", ["lookup", "lookup-stopped", "draft"])
+def test_server_prompt_cache_stores_a_speculative_cache_under_the_tokens_it_holds(default_model, random_draft, method):
+    """After speculative decoding the caches hold one token less than the server's tokens (the
+    last was sampled, not fed), or drafted tokens past a stop; the stored conversation, reused
+    for a longer prompt, equals a cache that saw exactly the reused tokens."""
+    from mlx_lm.generate import stream_generate
+
+    from cheems_mlx.server import RollbackPromptCache
+    from cheems_mlx.speculative import stream_prompt_lookup
+
+    model, tokenizer = default_model
+    ids = tokenizer.encode(COPY_HEAVY)
+    cache = make_prompt_cache(model)
+    if method == "draft":
+        cache += make_prompt_cache(random_draft)
+        stream = stream_generate(model, tokenizer, ids, max_tokens=8, prompt_cache=cache, draft_model=random_draft,
+                                 num_draft_tokens=3)
+    else:
+        stream = stream_prompt_lookup(model, tokenizer, ids, max_tokens=8, prompt_cache=cache, num_draft_tokens=5)
+    key = list(ids)
+    for r in stream:  # as mlx-lm's _serve_single: every response's token, then a break
+        key.append(r.token)
+        if r.finish_reason or (method == "lookup-stopped" and len(key) == len(ids) + 3):
+            break
+    del stream
+    lru = RollbackPromptCache()
+    lru.insert_cache("m", key, cache)
+    follow = key + tokenizer.encode(" and God said")[1:]
+    got, rest = lru.fetch_nearest_cache("m", follow)
+    assert got is not None and 0 < len(rest) <= len(follow) - len(ids)
+    fresh = make_prompt_cache(model)
+    reused = follow[: len(follow) - len(rest)]
+    feed(model, fresh, reused)
+    got_model = got[: len(fresh)]  # the model's caches (a draft model's follow)
+    assert_same_caches(got_model, fresh)
+    np.testing.assert_allclose(np.array(feed(model, got_model, rest)), np.array(feed(model, fresh, rest)), **TOL)
+
+
+def test_server_with_prompt_lookup_answers_as_plain_greedy(default_model):
+    import threading
+
+    from test_generation import post
+
+    from cheems_mlx.loading import resolve_model_path
+    from conftest import served
+
+    model, tokenizer = default_model
+    assert len(tokenizer.encode(COPY_HEAVY)) > 64  # crosses the default model's SSD chunk
+    n = 8  # the stored prompt + answer is trimmed back within the rollback window
+    first = greedy_text(model, tokenizer, VERSES, n)
+    extended = VERSES + first + " and God said"
+    # the stored conversation (prompt + answer tokens) is a prefix of the extended prompt
+    ids = tokenizer.encode(VERSES)
+    assert tokenizer.encode(extended)[: len(ids) + n] == ids + greedy_tokens(model, tokenizer, ids, n)[0]
+    prompts = [
+        COPY_HEAVY,  # a fresh cache, prefill across the chunk boundary
+        COPY_HEAVY,  # the stored prompt + answer, trimmed back
+        VERSES,
+        extended,  # the stored conversation, extended
+        VERSES[:-20] + " and God saw",  # an edited end: a longer stored prompt trimmed
+    ]
+    expected = [greedy_text(model, tokenizer, p, n) for p in prompts]
+    concurrent = [VERSES + VERSES[:40], FREE, COPY_HEAVY[:-30], VERSES * 2]
+    expected_concurrent = [greedy_text(model, tokenizer, p, n) for p in concurrent]
+    with served(resolve_model_path(None), "--prompt-lookup", "4", "--prompt-lookup-ngram", "2") as port:
+        for p, exp in zip(prompts, expected):
+            got = post(port, "/v1/completions", {"prompt": p, "max_tokens": n, "temperature": 0})
+            assert got["choices"][0]["text"] == exp
+        answers = [None] * len(concurrent)
+
+        def ask(i):
+            answers[i] = post(port, "/v1/completions", {"prompt": concurrent[i], "max_tokens": n, "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(concurrent))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [a["choices"][0]["text"] for a in answers] == expected_concurrent
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--prompt-lookup", "0"], "--prompt-lookup must be between 1 and 15"),
+        (["--prompt-lookup", "16"], "--prompt-lookup must be between 1 and 15"),
+        (["--prompt-lookup", "four"], "--prompt-lookup takes an integer"),
+        (["--prompt-lookup", "3", "--prompt-lookup-ngram", "0"], "--prompt-lookup-ngram must be >= 1"),
+        (["--prompt-lookup-ngram", "2"], "--prompt-lookup-ngram needs --prompt-lookup"),
+        (["--prompt-lookup", "3", "--draft-model", "x"], "--prompt-lookup cannot be combined with --draft-model"),
+        (["--prompt-lookup", "3", "--kv-bits", "4"], "--prompt-lookup cannot be combined with --kv-bits"),
+    ],
+    ids=["zero", "sixteen", "not-int", "ngram-0", "ngram-alone", "draft", "kv-bits"],
+)
+def test_server_rejects_bad_prompt_lookup_flags(extra, needle):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cheems_mlx.server", *extra], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_batched_server_requests_answer_as_plain_greedy(default_model):
+    """Without a draft model or --prompt-lookup, concurrent requests share mlx-lm's batch."""
+    import threading
+
+    from test_generation import post
+
+    from cheems_mlx.loading import resolve_model_path
+    from conftest import served
+
+    model, tokenizer = default_model
+    prompts = [COPY_HEAVY, FREE]  # different lengths: the shorter one is left-padded in the batch
+    expected = [greedy_text(model, tokenizer, p, 12) for p in prompts]
+    answers = [None] * len(prompts)
+    with served(resolve_model_path(None)) as port:
+        def ask(i):
+            answers[i] = post(port, "/v1/completions", {"prompt": prompts[i], "max_tokens": 12, "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [a["choices"][0]["text"] for a in answers] == expected
