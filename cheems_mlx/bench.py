@@ -826,11 +826,13 @@ KJV = (
 SPECULATIVE_TEXTS = {"copy-heavy": KJV * 4 + "In the beginning God", "free": "The king went out to the field and said"}
 
 
-def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model_path=None):
+def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model_path=None, draft_path=None,
+                      draft_tokens=(2, 4)):
     """Greedy decoding of ``new_tokens`` tokens on the default model (float32): plain vs
-    prompt-lookup (N proposed tokens) vs a draft model (the model itself: the acceptance
-    ceiling, not a speed-up); decode tokens/s is the median of ``reps`` runs after a warm-up,
-    "tokens / forward" counts the target model's forwards."""
+    prompt-lookup (N proposed tokens) vs a draft model -- the model itself (the acceptance
+    ceiling, not a speed-up) and, with ``draft_path``, a smaller model sharing its tokenizer
+    (``draft_tokens`` proposals); decode tokens/s is the median of ``reps`` runs after a
+    warm-up, "tokens / forward" counts the target model's forwards."""
     from mlx_lm.generate import stream_generate
 
     from .loading import load
@@ -840,6 +842,15 @@ def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model
     methods = [("plain", stream_generate, {})]
     methods += [(f"prompt lookup N={k}", stream_prompt_lookup, {"num_draft_tokens": k}) for k in lookups]
     methods += [("draft = the model itself, N=3", stream_generate, {"draft_model": model, "num_draft_tokens": 3})]
+    draft_note = ""
+    if draft_path is not None:
+        draft, _ = load(draft_path, dtype="float32")
+        n_draft = sum(v.size for _, v in tree_flatten(draft.parameters()))
+        n_target = sum(v.size for _, v in tree_flatten(model.parameters()))
+        draft_note = (f" Draft model: {Path(draft_path).name}, {n_draft / 1e6:.2f}M parameters against the "
+                      f"target's {n_target / 1e6:.2f}M.")
+        methods += [(f"draft model ({n_draft / 1e6:.1f}M), N={k}", stream_generate,
+                     {"draft_model": draft, "num_draft_tokens": k}) for k in draft_tokens]
     rows = []
     for text_name, text in SPECULATIVE_TEXTS.items():
         prompt = tokenizer.encode(text)
@@ -861,8 +872,10 @@ def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model
     for r in rows:
         r["speedup_vs_plain"] = r["decode_tokens_per_s"] / plain[r["text"]]
     result = {"suite": "speculative", "machine": machine(), "dtype": "float32", "new_tokens": new_tokens, "rows": rows}
+    result["draft"] = draft_note.strip()
     (out / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"{machine_line(result['machine'])}, float32, the default model, greedy, {new_tokens} new tokens.", "",
+    lines = [f"{machine_line(result['machine'])}, float32, the default model, greedy, {new_tokens} new tokens."
+             f"{draft_note}", "",
              "| text | method | decode tok/s | vs plain | accepted | tokens / target forward | same tokens |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -984,6 +997,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="experts: expert counts; ssd / attention: sequence lengths; "
                         "speculative: the numbers of proposed tokens")
+    p.add_argument("--draft-model", default=None,
+                   help="speculative: also decode with this draft model (a smaller model with the same tokenizer)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(machine()))
@@ -996,7 +1011,8 @@ def main(argv=None) -> int:
     if a.suite in ("ssd", "all"):
         suite_ssd(a.out, **({"lengths": tuple(a.sizes)} if a.sizes and a.suite == "ssd" else {}))
     if a.suite in ("speculative", "all"):
-        suite_speculative(a.out, **({"lookups": tuple(a.sizes)} if a.sizes and a.suite == "speculative" else {}))
+        suite_speculative(a.out, draft_path=a.draft_model,
+                          **({"lookups": tuple(a.sizes)} if a.sizes and a.suite == "speculative" else {}))
     if a.suite in ("kernels", "all"):
         measured = suite_kernels(a.out)
         if measured is None and a.suite == "kernels":

@@ -79,12 +79,32 @@ def test_kernels_suite_runs_its_mac_path_on_the_emulator(tmp_path, monkeypatch):
 
 
 def test_speculative_suite_writes_its_outputs_and_keeps_plain_tokens(tmp_path):
-    from cheems_mlx.bench import suite_speculative
+    """With --draft-model (here a tiny random Cheems saved beside the default model's
+    tokenizer) the draft rows join; every method's tokens are plain greedy decoding's."""
+    import dataclasses
 
-    result = suite_speculative(tmp_path, lookups=(3,), new_tokens=12, reps=1)
-    assert {r["method"] for r in result["rows"]} == {"plain", "prompt lookup N=3", "draft = the model itself, N=3"}
+    import mlx.core as mx
+
+    from cheems_mlx.bench import suite_speculative
+    from cheems_mlx.io import save_model_dir
+    from cheems_mlx.loading import TOKENIZER_FILES, resolve_model_path
+    from cheems_mlx.model import Model, ModelArgs
+
+    config = dict(model_type="cheems", vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn"], ssd_chunk_size=8,
+                  is_moe=False, max_position_embeddings=2048, source_format="cheems_mlx")
+    mx.random.seed(5)
+    draft = Model(ModelArgs(**config))
+    shipped = resolve_model_path(None)
+    save_model_dir(draft, dataclasses.asdict(draft.args), tmp_path / "draft", extra_files=[shipped / f for f in TOKENIZER_FILES
+                                                                    if (shipped / f).exists()])
+    result = suite_speculative(tmp_path, lookups=(3,), new_tokens=12, reps=1, draft_path=str(tmp_path / "draft"),
+                               draft_tokens=(2,))
+    assert {r["method"] for r in result["rows"]} == {"plain", "prompt lookup N=3", "draft = the model itself, N=3",
+                                                     "draft model (0.3M), N=2"}
     assert all(r["same_tokens_as_plain"] for r in result["rows"])
-    assert "| copy-heavy | prompt lookup N=3 |" in (tmp_path / "speculative.md").read_text()
+    text = (tmp_path / "speculative.md").read_text()
+    assert "| copy-heavy | prompt lookup N=3 |" in text and "Draft model: draft, 0.33M parameters" in text
 
 
 def test_step_profile_counts_fewer_operations_when_the_decode_step_is_compiled():
