@@ -181,19 +181,25 @@ def lookup_tokens(model, tokenizer, prompt, n, k=4):
     return [t for t, _ in out], sum(d for _, d in out)
 
 
-@pytest.fixture(scope="module")
-def random_draft(default_model):
-    """A tiny random Cheems on the default model's tokenizer (vocabulary 4096): it proposes
-    mostly wrong tokens, so the target's caches are rolled back often."""
+def tiny_hybrid_4096(seed: int, max_position_embeddings: int = 2048) -> Model:
+    """A tiny random Cheems hybrid (ssd, attn, ssd) on the default model's vocabulary (4096)."""
     args = ModelArgs(
         vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
-        ssd_chunk_size=8, is_moe=False, max_position_embeddings=2048,
+        ssd_chunk_size=8, is_moe=False, max_position_embeddings=max_position_embeddings,
     )
-    mx.random.seed(11)
+    mx.random.seed(seed)
     model = Model(args)
+    model.eval()
     mx.eval(model.parameters())
     return model
+
+
+@pytest.fixture(scope="module")
+def random_draft(default_model):
+    """A tiny random Cheems on the default model's tokenizer: it proposes mostly wrong
+    tokens, so the target's caches are rolled back often."""
+    return tiny_hybrid_4096(11)
 
 
 @pytest.fixture(scope="module")
@@ -445,18 +451,7 @@ def test_draft_model_decoding_from_a_one_token_prompt_with_the_metal_kernels_on_
     from cheems_mlx import kernels
 
     _, tokenizer = default_model  # a random hybrid on its vocabulary (4096), drafted by itself and another
-    args = ModelArgs(
-        vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, layers_type=["ssd", "attn", "ssd"],
-        ssd_chunk_size=8, is_moe=False, max_position_embeddings=256,
-    )
-    mx.random.seed(21)
-    model = Model(args)
-    model.eval()
-    mx.eval(model.parameters())
-    mx.random.seed(22)
-    draft = Model(args)
-    mx.eval(draft.parameters())
+    model, draft = tiny_hybrid_4096(21, 256), tiny_hybrid_4096(22, 256)
     with kernels.backend(make_factory(schedule="inorder")):
         plain, _ = greedy_tokens(model, tokenizer, [1], 8)
         for d in (model, draft):
