@@ -7,14 +7,14 @@ decoding) is mlx-lm's; the changes are the loader -- models (draft models too) l
 their last tokens (``ssd.SSDCache``), so a longer cached prompt is reused by trimming it only
 when the trim fits; otherwise the nearest shorter prompt (or none) is used. (mlx-lm drops the
 shorter prompts of a trimmable cache when a longer one is stored, so a prompt that branches
-off more than ``SSDCache.window`` tokens before the end of a stored one is recomputed. This
-applies to the unbatched path -- a draft model, prompt lookup, a seed, --kv-bits. The batched
-path stores what ``BatchGenerator.extract_cache`` returns, and mlx-lm's ``ArraysCache.extract``
-builds a plain ``ArraysCache``: the SSDCache class and its kept states are dropped, the stored
-list is not trimmable, and mlx-lm reuses it only as a shorter prefix of a new prompt, never by
-trimming a longer one. Trimming there would need SSDCache's ``extract`` / ``filter`` /
-``extend`` to carry each row's kept states -- the batch is filtered or extended whenever a
-request joins or leaves, which now restarts every row's history -- not done yet.) A cache is
+off more than ``SSDCache.window`` tokens before the end of a stored one is recomputed.) This
+holds on both paths: the unbatched one (a draft model, prompt lookup, a seed, --kv-bits) and
+the batched one, which stores what ``BatchGenerator.extract_cache`` returns -- SSDCache's
+``merge`` / ``filter`` / ``extend`` carry each row's kept states as requests join and leave the
+batch, and its ``extract`` returns a row's SSDCache with that row's states and token count, so
+a conversation stored there is reused for a prompt that edits its last tokens (or a
+regenerated answer) by trimming it. Rows keep states only from the positions the batch still
+keeps (its last ``SSDCache.window`` + 1), and a long prefill keeps none. A cache is
 stored under exactly the tokens it holds: after speculative decoding it is one token short of
 the conversation (or a few drafted tokens past a stop), which mlx-lm would store under the
 whole conversation.

@@ -28,8 +28,9 @@ rolled back into, as mlx-lm's draft decoding from a one-token prompt does.)
 
 Decode cache per layer: ``SSDCache`` (an ``ArraysCache(2)``) holding ``[S (batch,H,P,N)
 float32, offset (batch,) int32]`` -- the offset is each row's RoPE position, advanced by the
-row's true token count when mlx-lm right-pads a batched prompt. It keeps the states after
-each token of short calls so speculative decoding can roll it back (``trim``).
+row's true token count when mlx-lm right-pads a batched prompt (a left-padded row's pads take
+no positions either). It keeps the states after each token of short calls so speculative
+decoding and the server's prompt cache can roll it back (``trim``), batched rows included.
 
 Tensor parallel: ``StateSpaceDuality.shard(group)`` splits the heads (each rank keeps H/N
 heads and their state); ``shard_problems(N)`` says what prevents it.
@@ -347,9 +348,14 @@ class SSDCache(ArraysCache):
     Memory: one kept state is batch * H * P * N * 4 bytes per SSD layer (64 KiB per row and
     layer for the default model: H=4, P=N=64), so at most ``window + 1`` times that.
 
-    Anything that replaces the arrays from outside (``filter``, ``extend``, ``merge``, loading)
-    leaves the history out of step with them; it then restarts from the current state. The
-    saved form (``state``) is ``ArraysCache``'s: the history is transient. The class is
+    mlx-lm's batch operations carry each row's kept pairs: ``merge`` / ``extend`` join the
+    rows' histories, ``filter`` slices them, and ``extract(idx)`` returns row idx as an SSDCache
+    whose history is that row's own (one pair per token it saw, padded positions dropped), so a
+    finished request of mlx-lm's BatchGenerator is stored in the server's prompt cache as a
+    cache that rolls back like a single-sequence one. Anything else that replaces the arrays
+    from outside (loading, ``state``) leaves the history out of step with them; it then
+    restarts from the current state. The saved form (``state``) is ``ArraysCache``'s: the
+    history is transient. The class is
     registered in ``mlx_lm.models.cache`` because ``load_prompt_cache`` and ``CacheList``
     rebuild caches by class name from that module.
     """
@@ -377,6 +383,75 @@ class SSDCache(ArraysCache):
         kept = self.snapshots() + pairs if len(pairs) == num_tokens else pairs[-1:]
         self.history = kept[-(self.window + 1):]
         self.cache[0], self.cache[1] = pairs[-1]
+
+    # Batching (mlx-lm's BatchGenerator merges the requests' caches, filters and extends the
+    # batch as requests leave and join, and extracts a finished row): each row's kept pairs go
+    # with it. A batch keeps one pair per position of its calls, aligned from the newest; a row
+    # with fewer kept pairs than the others (it joined later, or its prefill was long) repeats
+    # its oldest one, and a padded position repeats the row's pair too -- ``extract`` keeps one
+    # pair per offset, so a row's history is its own. (``trim`` on a batch is for a batch whose
+    # rows all saw every position; mlx-lm trims only single-sequence caches.)
+
+    def _restart(self):
+        self.history = [(self.cache[0], self.cache[1])]
+
+    def _joined(self, parts: List[Tuple], sizes: List[int]) -> Tuple:
+        """One batch pair from the rows' pairs, in order (an empty cache's (None, None): zeros)."""
+        out = []
+        for e, like in enumerate(self.cache[:2]):
+            out.append(mx.concatenate([
+                p[e] if p[e] is not None else mx.zeros((n,) + like.shape[1:], like.dtype)
+                for p, n in zip(parts, sizes)
+            ]))
+        return tuple(out)
+
+    def _join_histories(self, kept: List[list], sizes: List[int]):
+        """Set the history of rows joined from caches with the kept pairs ``kept``; the current
+        arrays are already joined (by ArraysCache's merge / extend)."""
+        if self.cache[0] is None or self.cache[1] is None:
+            return self._restart()
+        n = max(len(k) for k in kept)
+        kept = [[k[0]] * (n - len(k)) + k for k in kept]
+        older = [self._joined([k[j] for k in kept], sizes) for j in range(n - 1)]
+        self.history = older + [(self.cache[0], self.cache[1])]
+
+    @staticmethod
+    def _kept(c) -> list:
+        return c.snapshots() if isinstance(c, SSDCache) else [(c[0], c[1])]
+
+    def filter(self, batch_indices):
+        kept = self.snapshots()
+        super().filter(batch_indices)
+        older = [tuple(None if a is None else a[batch_indices] for a in pair) for pair in kept[:-1]]
+        self.history = older + [(self.cache[0], self.cache[1])]
+
+    def extend(self, other):
+        kept = [self._kept(self), self._kept(other)]
+        sizes = [self.batch_size, other.batch_size]
+        super().extend(other)
+        self._join_histories(kept, sizes)
+
+    @classmethod
+    def merge(cls, caches):
+        merged = super().merge(caches)
+        merged._join_histories([cls._kept(c) for c in caches], [c.batch_size for c in caches])
+        return merged
+
+    def extract(self, idx: int) -> "SSDCache":
+        """Row ``idx`` as a single-sequence SSDCache with that row's kept pairs. A padded call
+        (right padding while prefilling a batch, left padding) records pairs at positions where
+        a row has no token: its state and offset stay put there, so of the pairs with the same
+        offset only the newest is kept -- one pair per token of the row, as a cache that saw
+        only its tokens would hold."""
+        kept = [tuple(None if a is None else a[idx : idx + 1] for a in pair) for pair in self.snapshots()]
+        known = [p[1] for p in kept if p[1] is not None]
+        offsets = iter(mx.concatenate(known).tolist() if known else [])
+        offsets = [0 if p[1] is None else next(offsets) for p in kept]
+        rows = [p for j, p in enumerate(kept) if j + 1 == len(kept) or offsets[j] != offsets[j + 1]]
+        out = SSDCache()
+        out.cache = list(rows[-1])
+        out.history = rows
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -486,16 +561,27 @@ class StateSpaceDuality(nn.Module):
         return self.out_proj(y.reshape(b, l, H * P).astype(x.dtype)), states
 
     @staticmethod
+    def pads(cache) -> Optional[mx.array]:
+        """Each row's left pads still ahead in this call ((b,) int32), or None: mlx-lm's
+        ``left_padding`` counts down by every call's length (``ArraysCache.advance``)."""
+        left = getattr(cache, "left_padding", None)
+        return None if left is None else mx.maximum(left, 0).astype(mx.int32)
+
+    @staticmethod
     def store(cache, states, offset, l: int):
         """Write the kept states into the cache with the RoPE position after each, advanced by
-        each row's true token count (an SSDCache records them for rollback)."""
+        each row's true token count -- right padding (``lengths``, mlx-lm's BatchGenerator) and
+        left padding (``left_padding``) excluded, so a row's offset counts its own tokens as a
+        single-sequence cache would (an SSDCache records them for rollback)."""
         b = states[-1].shape[0]
+        pad = StateSpaceDuality.pads(cache)
         offsets = []
         for k in range(l - len(states) + 1, l + 1):
+            advance = mx.full((b,), k, dtype=mx.int32)
+            if pad is not None:  # left-padded batch: pads ahead of the real tokens
+                advance = mx.clip(advance - pad, 0, k)
             if cache.lengths is not None:  # right-padded batch
-                advance = mx.clip(cache.lengths, 0, k).astype(mx.int32)
-            else:
-                advance = mx.full((b,), k, dtype=mx.int32)
+                advance = mx.minimum(advance, mx.clip(cache.lengths, 0, k))
             offsets.append((offset + advance).astype(mx.int32))
         if isinstance(cache, SSDCache):
             cache.record(states, offsets, l)
@@ -513,7 +599,9 @@ class StateSpaceDuality(nn.Module):
         # trims into it)
         use_kernels = kernels.enabled(training=self.training)
         keep = 1 < l <= getattr(cache, "window", 0)
-        out, states = self.mix(x, state, offset, mask, keep, use_kernels)
+        pad = self.pads(cache)
+        # a row's left pads take no RoPE positions: its first real token is at its offset
+        out, states = self.mix(x, state, offset if pad is None else offset - pad, mask, keep, use_kernels)
         if cache is not None:
             self.store(cache, states, offset, l)
         return out

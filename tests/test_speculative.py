@@ -149,11 +149,115 @@ def test_prompt_cache_file_and_batching_keep_working(tiny_cheems, tmp_path):
     np.testing.assert_allclose(np.array(feed(tiny_cheems, loaded, [7, 8])), np.array(feed(tiny_cheems, cache, [7, 8])), **TOL)
     assert loaded[0].trimmable_tokens() == 2  # the history restarts from the loaded state
 
-    merged = _merge_caches([cache, loaded])  # BatchGenerator's merge / filter / extend
-    assert type(merged[0]) is SSDCache and merged[0][0].shape[0] == 2
+    merged = _merge_caches([cache, loaded])  # BatchGenerator's merge / filter / extend keep the rows' states
+    assert type(merged[0]) is SSDCache and merged[0][0].shape[0] == 2 and merged[0].trimmable_tokens() == 2
     merged[0].filter(mx.array([1]))
     merged[0].extend(merged[0])
-    assert merged[0][0].shape[0] == 2 and merged[0].trimmable_tokens() == 0
+    assert merged[0][0].shape[0] == 2 and merged[0].trimmable_tokens() == 2
+    merged[0].extend(SSDCache())  # a row without a state (zeros) joins; the others keep theirs
+    assert merged[0][0].shape[0] == 3 and merged[0].trimmable_tokens() == 2
+    assert merged[0].extract(0).trimmable_tokens() == 2 and merged[0].extract(2).trimmable_tokens() == 0
+
+
+def assert_row_trims_like_a_fresh_cache(model, row_cache, tokens, k, nxt=(7,)):
+    """A single-row cache holding ``tokens``, trimmed by k, equals a fresh single-sequence
+    cache fed ``tokens[:-k]`` (states, offsets, the next token's logits)."""
+    import copy
+
+    trimmed = copy.deepcopy(row_cache)
+    assert can_trim_prompt_cache(trimmed)
+    assert trim_prompt_cache(trimmed, k) == k
+    fresh = make_prompt_cache(model)
+    feed(model, fresh, tokens[: len(tokens) - k])
+    assert_same_caches(trimmed, fresh)
+    np.testing.assert_allclose(np.array(feed(model, trimmed, list(nxt))), np.array(feed(model, fresh, list(nxt))),
+                               **TOL)
+
+
+def test_batch_generator_rows_extract_trimmable_caches(tiny_cheems):
+    """mlx-lm's BatchGenerator merges the requests' caches, right-pads a prefill, filters the
+    batch when a request ends and extends it when one joins; each finished request's cache
+    (``extract_cache``) keeps that row's SSD states: trimmed by k it equals a cache that saw
+    only the row's tokens minus the last k."""
+    from mlx_lm.generate import BatchGenerator
+
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, 128, n).tolist() for n in (9, 4, 30)]
+    gen = BatchGenerator(tiny_cheems, max_tokens=8, stop_tokens=[])
+    first = gen.insert(prompts[:2], max_tokens=[5, 12])  # a padded prefill; the first leaves early
+    done = {}
+    steps = 0
+    while responses := gen.next_generated():
+        steps += 1
+        if steps == 3:  # joins the running batch (its prefill is long: kept from its decode steps)
+            first += gen.insert(prompts[2:], max_tokens=[9])
+        for r in responses:
+            if r.finish_reason is not None:
+                done[r.uid] = (r.prompt_cache, r.all_tokens)
+    gen.close()
+    assert sorted(done) == sorted(first)
+    # what each row can roll back: 9 + 5 tokens, all kept (its prefill call of 8 is short); of
+    # the second's 4 + 12 the batch's last 17 positions hold 13 (3 of the 8-position padded
+    # prefill are its own, 5 pads); the third prefilled 29 tokens at once: its 10 decode steps
+    expected = [14, 13, 10]
+    for uid, prompt, n in zip(first, prompts, expected):
+        cache, tokens = done[uid]
+        assert tokens[: len(prompt)] == prompt
+        ssd = cache[0]
+        assert type(ssd) is SSDCache and ssd[0].shape[0] == 1
+        assert np.array(ssd[1]).tolist() == [len(tokens)]
+        assert [c.trimmable_tokens() for c in (cache[0], cache[2])] == [n, n]
+        for k in sorted({1, 3, min(n, len(tokens) - 1)}):
+            assert_row_trims_like_a_fresh_cache(tiny_cheems, cache, tokens, k)
+
+
+def test_left_padded_batch_filter_extend_extract_keep_each_rows_states(tiny_cheems):
+    """A left-padded batch (make_cache(left_padding)), filtered and extended by hand: the pads
+    take no RoPE positions, and an extracted row's kept states are that row's alone."""
+    rng = np.random.default_rng(6)
+    rows = [rng.integers(1, 128, n).tolist() for n in (7, 3)]
+    L = max(len(r) for r in rows)
+    cache = tiny_cheems.make_cache(left_padding=[L - len(r) for r in rows])
+    tiny_cheems(mx.array([[0] * (L - len(r)) + r for r in rows]), cache=cache)  # one short call: every state kept
+    steps = rng.integers(1, 128, (4, 2)).tolist()
+    for s in steps:
+        tiny_cheems(mx.array(s)[:, None], cache=cache)
+    seen = [r + [s[i] for s in steps] for i, r in enumerate(rows)]
+    assert np.array(cache[0][1]).tolist() == [len(t) for t in seen]
+
+    other = tiny_cheems.make_cache()  # a single-sequence cache joins: a row of its own
+    extra = rng.integers(1, 128, 5).tolist()
+    feed(tiny_cheems, other, extra[:2])
+    for t in extra[2:]:
+        feed(tiny_cheems, other, [t])
+    ssd = cache[0]
+    ssd.filter([1, 0])
+    assert ssd.trimmable_tokens() == L + len(steps)  # one pair per position of the batch
+    row = ssd.extract(0)  # the once-padded row: one pair per real token
+    assert row.trimmable_tokens() == len(seen[1]) and row.history[-1][0] is row[0]
+    for c, o in zip(cache, other):
+        if isinstance(c, SSDCache):
+            if c is not ssd:
+                c.filter([1, 0])
+            c.extend(o)
+    assert ssd.trimmable_tokens() == L + len(steps)  # the joining row repeats its oldest pair
+
+    for i, tokens in ((0, seen[1]), (1, seen[0]), (2, extra)):
+        ssd_rows = [c.extract(i) for c in cache if isinstance(c, SSDCache)]
+        fresh = make_prompt_cache(tiny_cheems)
+        feed(tiny_cheems, fresh, tokens)
+        for got, ref in zip(ssd_rows, [c for c in fresh if isinstance(c, SSDCache)]):
+            np.testing.assert_allclose(np.array(got[0]), np.array(ref[0]), **TOL)
+            assert np.array(got[1]).tolist() == [len(tokens)]
+            assert got.trimmable_tokens() == len(tokens)  # short calls only: every state kept
+            for k in (1, 3, len(tokens) - 1):
+                fewer = make_prompt_cache(tiny_cheems)
+                feed(tiny_cheems, fewer, tokens[: len(tokens) - k])
+                back = got.extract(0)
+                back.trim(k)
+                ref_k = [c for c in fewer if isinstance(c, SSDCache)][ssd_rows.index(got)]
+                np.testing.assert_allclose(np.array(back[0]), np.array(ref_k[0]), **TOL)
+                assert np.array(back[1]).tolist() == [len(tokens) - k]
 
 
 # ---------------------------------------------------------------- speculative decoding
@@ -617,3 +721,30 @@ def test_batched_server_requests_answer_as_plain_greedy(default_model):
         for t in threads:
             t.join()
     assert [a["choices"][0]["text"] for a in answers] == expected
+
+
+def test_batched_server_reuses_a_longer_conversation_by_trimming(default_model):
+    """On mlx-lm's batched path (no flags) the stored conversation (prompt + answer, the
+    caches ``BatchGenerator.extract_cache`` returns) is reused for a prompt that edits its last
+    tokens: trimmed back to the common prefix (``cached_tokens``), answered as plain greedy."""
+    from mlx_lm.generate import stream_generate
+    from test_generation import post
+
+    from cheems_mlx.loading import resolve_model_path
+    from conftest import served
+
+    model, tokenizer = default_model
+    ids = tokenizer.encode(FREE)
+    answer = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=12)]
+    assert len(answer) == 12 and tokenizer.eos_token_id not in answer
+    stored = ids + answer  # the tokens the finished request's caches hold
+    edited = FREE + tokenizer.decode(answer[:-4]) + " and the king"
+    new_ids = tokenizer.encode(edited)
+    common = next(i for i, (a, b) in enumerate(zip(stored + [None], new_ids + [None])) if a != b)
+    assert len(ids) < common < len(new_ids) and len(stored) - common <= SSDCache.window  # a trim within reach
+    with served(resolve_model_path(None)) as port:
+        first = post(port, "/v1/completions", {"prompt": FREE, "max_tokens": 12, "temperature": 0})
+        assert first["choices"][0]["text"] == tokenizer.decode(answer)
+        got = post(port, "/v1/completions", {"prompt": edited, "max_tokens": 12, "temperature": 0})
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == common
+    assert got["choices"][0]["text"] == greedy_text(model, tokenizer, edited, 12)

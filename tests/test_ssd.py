@@ -358,8 +358,8 @@ def test_module_output_depends_only_on_relative_positions():
 def test_module_left_padded_rows_match_unpadded_rows():
     """A left-padded batch (mlx-lm's ArraysCache(left_padding=...)) gives each row's real
     tokens the outputs of that row run alone, in the prefill and in the decode step after
-    it. (Pads still occupy RoPE positions here, so the cached state holds B rotated at
-    positions pad, pad+1, ...; outputs depend only on relative positions.)"""
+    it; the pads take no RoPE positions (as in mlx-lm's BatchKVCache), so the cached state and
+    offset are the row's alone too."""
     layer, w = make_ssd()
     l = CHUNK + 4
     pads = [0, 3, CHUNK + 1]
@@ -372,5 +372,6 @@ def test_module_left_padded_rows_match_unpadded_rows():
         alone, _ = ssd_module_ref(w, x[row : row + 1, pad:])
         assert_close(out[row, pad:], alone[0, :-1])
         assert_close(step[row], alone[0, -1:])
-        _, S_shifted = ssd_module_ref(w, x[row : row + 1, pad:], positions=pad + np.arange(l + 1 - pad)[None])
-        assert_close(np.array(cache[0])[row], S_shifted[0])
+        _, S_alone = ssd_module_ref(w, x[row : row + 1, pad:])
+        assert_close(np.array(cache[0])[row], S_alone[0])
+    assert np.array(cache[1]).tolist() == [l + 1 - pad for pad in pads]
