@@ -832,7 +832,8 @@ def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model
     prompt-lookup (N proposed tokens) vs a draft model -- the model itself (the acceptance
     ceiling, not a speed-up) and, with ``draft_path``, a smaller model sharing its tokenizer
     (``draft_tokens`` proposals); decode tokens/s is the median of ``reps`` runs after a
-    warm-up, "tokens / forward" counts the target model's forwards."""
+    warm-up, the methods taking turns run by run; "tokens / forward" counts the target
+    model's forwards."""
     from mlx_lm.generate import stream_generate
 
     from .loading import load
@@ -855,12 +856,17 @@ def suite_speculative(out: Path, lookups=(2, 4, 8), new_tokens=96, reps=3, model
     for text_name, text in SPECULATIVE_TEXTS.items():
         prompt = tokenizer.encode(text)
         plain_tokens = None
+        # the methods take turns, rep by rep (a slow spell of a shared machine then hits all of
+        # them alike); the first round warms up (compilation)
+        runs = {name: [] for name, _, _ in methods}
+        for _ in range(reps + 1):
+            for name, generate, kw in methods:
+                runs[name].append(list(generate(model, tokenizer, prompt, max_tokens=new_tokens, **kw)))
         for name, generate, kw in methods:
-            runs = [list(generate(model, tokenizer, prompt, max_tokens=new_tokens, **kw)) for _ in range(reps + 1)]
-            tps = statistics.median(run[-1].generation_tps for run in runs[1:])  # the first run warms up
-            tokens = [r.token for r in runs[-1]]
+            tps = statistics.median(run[-1].generation_tps for run in runs[name][1:])
+            tokens = [r.token for r in runs[name][-1]]
             plain_tokens = tokens if plain_tokens is None else plain_tokens
-            accepted = sum(r.from_draft for r in runs[-1])
+            accepted = sum(r.from_draft for r in runs[name][-1])
             rows.append({"text": text_name, "method": name, "prompt_tokens": len(prompt), "tokens": len(tokens),
                          "decode_tokens_per_s": tps, "accepted": accepted,
                          "accepted_share": accepted / max(len(tokens), 1),

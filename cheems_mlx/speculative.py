@@ -7,7 +7,8 @@ lacks:
 
 - ``prompt_lookup_generate_step``: prompt-lookup decoding without a draft model. The proposal
   is the tokens that followed the latest earlier occurrence of the current n-gram (the last
-  ``ngram_size`` tokens, then shorter ones) in prompt + output; the model verifies the current
+  ``ngram_size`` tokens, then shorter ones down to ``MIN_NGRAM``) in prompt + output; the model
+  verifies the current
   token and the proposal in one forward, the longest proposed prefix equal to the model's own
   choices is kept (each position's token is sampled from the model's distribution given the
   kept prefix, so the output is exactly plain decoding's: greedy's tokens at temperature 0, the
@@ -54,11 +55,18 @@ def check_draft(tokenizer, config: dict, draft_tokenizer, draft_config: dict):
         )
 
 
-def propose(tokens: List[int], ngram_size: int, k: int) -> List[int]:
+# the shortest n-gram whose match is proposed: single-token matches are mostly wrong in free
+# text, and on the CPU a verification of 5 tokens costs about two plain steps, so proposing them
+# slowed free generation down (measured with `bench speculative`, the default model, N=4:
+# free text 1.00x of plain with 1-token matches, 1.10x from 2, copy-heavy 1.10x -> 1.34x)
+MIN_NGRAM = 2
+
+
+def propose(tokens: List[int], ngram_size: int, k: int, min_ngram: int = 1) -> List[int]:
     """Up to ``k`` tokens that followed the latest earlier occurrence of the last ``n`` tokens
-    of ``tokens``, for n = ngram_size .. 1 (the longest n with a match); [] when none."""
+    of ``tokens``, for n = ngram_size .. min_ngram (the longest n with a match); [] when none."""
     T = len(tokens)
-    for n in range(min(ngram_size, T - 1), 0, -1):
+    for n in range(min(ngram_size, T - 1), max(min_ngram, 1) - 1, -1):
         gram = tokens[T - n :]
         for start in range(T - n - 1, -1, -1):  # latest first, never the n-gram itself
             if tokens[start : start + n] == gram:
@@ -115,7 +123,8 @@ def prompt_lookup_generate_step(
         ntoks = 0
         while True:
             # the last token is not in the cache yet: verify it and the proposal in one call
-            draft = propose(tokens, ngram_size, min(num_draft_tokens, max_tokens - ntoks - 1))
+            draft = propose(tokens, ngram_size, min(num_draft_tokens, max_tokens - ntoks - 1),
+                            min(MIN_NGRAM, ngram_size))
             logits = model(mx.array(tokens[-1:] + draft, mx.uint32)[None], cache=cache)[0]  # (1+k, V)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             sampled = sampler(logprobs)  # (1+k,): the model's own token after each input

@@ -399,6 +399,9 @@ def test_propose_takes_the_latest_earlier_occurrence():
     assert propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 2) == [7, 5]
     assert propose([1, 2, 3, 4, 8, 2, 3], 3, 3) == [4, 8, 2]  # falls back to the 2-gram
     assert propose([5, 6, 7], 3, 2) == []
+    assert propose([4, 9, 1, 5, 1], 3, 2) == [5, 1]  # a 1-gram match when asked for
+    assert propose([4, 9, 1, 5, 1], 3, 2, min_ngram=2) == []  # ... not from 2 up (MIN_NGRAM)
+    assert propose([4, 9, 1, 5, 9, 1], 3, 2, min_ngram=2) == [5, 9]
 
 
 # ---------------------------------------------------------------- the generate CLI
