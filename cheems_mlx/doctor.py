@@ -66,17 +66,11 @@ class DoctorError(ValueError):
 
 
 def blas() -> str:
-    """The BLAS / LAPACK libraries loaded for MLX's CPU code (numpy's own left out), where
-    that can be told cheaply."""
-    if sys.platform == "darwin":
-        return "Accelerate"
-    try:
-        paths = {Path(line.split()[-1]) for line in open("/proc/self/maps")
-                 if "blas" in line.lower() or "lapack" in line.lower()}
-    except OSError:
-        return "unknown"
-    libs = sorted(p.name for p in paths if not p.parent.name.startswith(("numpy", "scipy")))
-    return ", ".join(libs) or "unknown"
+    """The BLAS behind MLX's float32 matmuls, how it was chosen and whether one-row products go
+    through its sgemv (``cheems_mlx.blas.in_use``)."""
+    from . import blas as blas_choice
+
+    return blas_choice.in_use()
 
 
 def total_memory_gb() -> Optional[float]:

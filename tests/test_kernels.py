@@ -33,7 +33,11 @@ DEFAULT_MODEL_KERNELS = {"ssd_scan", "ssd_step", "dma_prefill", "dma_decode", "d
 def default_model():
     model, tokenizer = cheems_mlx.load(None)
     model.set_dtype(mx.float32)
-    prompt = mx.array(tokenizer.encode("In the beginning God created"))
+    # longer than SSDCache.window (16): a shorter prefill keeps its per-token states on the ops
+    # path, and the scan kernel would not run
+    prompt = mx.array(tokenizer.encode("In the beginning God created the heaven and the earth. And the earth "
+                                       "was without form, and void"))
+    assert prompt.size > 17
     return model, prompt
 
 
