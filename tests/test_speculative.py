@@ -5,6 +5,8 @@ The references are independent of the code under test: a cache that never saw th
 tokens, and plain greedy decoding (mlx-lm's stream_generate without a draft).
 """
 
+import threading
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -569,6 +571,23 @@ def test_draft_model_decoding_from_a_one_token_prompt_with_the_metal_kernels_on_
 # ---------------------------------------------------------------- the server's prompt lookup
 
 
+def ask_concurrently(port, prompts, n):
+    """The completions' texts for ``prompts`` sent at once (one thread each), greedy."""
+    from test_generation import post
+
+    answers = [None] * len(prompts)
+
+    def ask(i):
+        answers[i] = post(port, "/v1/completions", {"prompt": prompts[i], "max_tokens": n, "temperature": 0})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [a["choices"][0]["text"] for a in answers]
+
+
 def greedy_text(model, tokenizer, prompt, n):
     from mlx_lm.generate import stream_generate
 
@@ -635,7 +654,6 @@ def test_server_prompt_cache_stores_a_speculative_cache_under_the_tokens_it_hold
 
 
 def test_server_with_prompt_lookup_answers_as_plain_greedy(default_model):
-    import threading
 
     from test_generation import post
 
@@ -664,17 +682,7 @@ def test_server_with_prompt_lookup_answers_as_plain_greedy(default_model):
         for p, exp in zip(prompts, expected):
             got = post(port, "/v1/completions", {"prompt": p, "max_tokens": n, "temperature": 0})
             assert got["choices"][0]["text"] == exp
-        answers = [None] * len(concurrent)
-
-        def ask(i):
-            answers[i] = post(port, "/v1/completions", {"prompt": concurrent[i], "max_tokens": n, "temperature": 0})
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(concurrent))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [a["choices"][0]["text"] for a in answers] == expected_concurrent
+        assert ask_concurrently(port, concurrent, n) == expected_concurrent
 
 
 @pytest.mark.parametrize(
@@ -703,7 +711,6 @@ def test_server_rejects_bad_prompt_lookup_flags(extra, needle):
 
 def test_batched_server_requests_answer_as_plain_greedy(default_model):
     """Without a draft model or --prompt-lookup, concurrent requests share mlx-lm's batch."""
-    import threading
 
     from test_generation import post
 
@@ -713,17 +720,8 @@ def test_batched_server_requests_answer_as_plain_greedy(default_model):
     model, tokenizer = default_model
     prompts = [COPY_HEAVY, FREE]  # different lengths: the shorter one is left-padded in the batch
     expected = [greedy_text(model, tokenizer, p, 12) for p in prompts]
-    answers = [None] * len(prompts)
     with served(resolve_model_path(None)) as port:
-        def ask(i):
-            answers[i] = post(port, "/v1/completions", {"prompt": prompts[i], "max_tokens": 12, "temperature": 0})
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert [a["choices"][0]["text"] for a in answers] == expected
+        assert ask_concurrently(port, prompts, 12) == expected
 
 
 def test_batched_server_reuses_a_longer_conversation_by_trimming(default_model):
