@@ -138,20 +138,19 @@ def test_prepare_can_reuse_a_models_tokenizer(data, tmp_path):
     root, _ = data
     shipped = resolve_model_path(None)
     out = tmp_path / "draft_data"
-    proc = subprocess.run([sys.executable, "-m", "cheems_mlx.train", "prepare", "--text", str(root / "corpus.txt"),
-                           "--out", str(out), "--tokenizer", str(shipped)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads((out / "data.json").read_text())
+    info = prepare([root / "corpus.txt"], out, None, 0.05, tokenizer=shipped)
     ref = spm.SentencePieceProcessor(model_file=str(shipped / "tokenizer.model"))
     assert info["vocab_size"] == ref.get_piece_size() and info["tokenizer"] == str(shipped)
+    assert json.loads((out / "data.json").read_text())["vocab_size"] == ref.get_piece_size()
     assert (out / "tokenizer.model").read_bytes() == (shipped / "tokenizer.model").read_bytes()
     docs = (root / "corpus.txt").read_text().split("\n\n")
     val = [d.strip() for i, d in enumerate(docs) if i % 20 == 19]  # --val-fraction 0.05: every 20th
     want = [t for d in val for t in [ref.bos_id(), *ref.encode(d), ref.eos_id()]]
     assert np.load(out / "val.npy").tolist() == want
-    for extra, needle in ((["--tokenizer", str(tmp_path / "none")], "no tokenizer.model"),
-                          (["--tokenizer", str(shipped), "--vocab-size", "300"], "--vocab-size 300 differs")):
-        proc = subprocess.run([sys.executable, "-m", "cheems_mlx.train", "prepare", "--text", str(root / "corpus.txt"),
-                               "--out", str(tmp_path / "bad"), *extra], capture_output=True, text=True)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+    with pytest.raises(TrainError, match="--vocab-size 300 differs"):
+        prepare([root / "corpus.txt"], tmp_path / "bad", 300, 0.05, tokenizer=shipped)
+    proc = subprocess.run([sys.executable, "-m", "cheems_mlx.train", "prepare", "--text", str(root / "corpus.txt"),
+                           "--out", str(tmp_path / "bad2"), "--tokenizer", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and "no tokenizer.model" in lines[0]
