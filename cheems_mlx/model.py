@@ -20,7 +20,6 @@ module (ssd.py, dma.py, cdmoe.py), and nothing here imports the runtime that run
 
 import os
 import re
-from functools import partial
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
@@ -371,7 +370,8 @@ class Model(nn.Module):
         (tests/test_model_consistency.py)."""
         key = self.vocab_limit
         fns = self.__dict__.setdefault("_step_fns", {})
-        fns.setdefault(key, {})
+        if key not in fns:
+            fns[key] = mx.compile(self._step, inputs=self.state)
         l = inputs.shape[1]
         states, buffers = [], []
         for layer, c in zip(self.layers, cache):
@@ -386,23 +386,11 @@ class Model(nn.Module):
                     buf.keys = mx.concatenate([buf.keys[..., : buf.offset, :], grow], axis=2)
                     vals = buf.values[..., : buf.offset, :]
                     buf.values = mx.concatenate([vals, mx.zeros((b, h, buf.step, vals.shape[-1]), vals.dtype)], axis=2)
-            buffers.append((kv.keys, kv.values, bias.keys, kv.offset))
-        # each distinct attention offset goes in once (they all agree unless a caller trimmed
-        # the caches apart), so the layers' RoPE angles and key masks are one computation
-        distinct = sorted({o for *_, o in buffers})
-        which = tuple(distinct.index(o) for *_, o in buffers)
-        if which not in fns[key]:
-            fns[key][which] = mx.compile(partial(self._step, which=which), inputs=self.state)
-        offsets = [mx.array(o, dtype=mx.int32) for o in distinct]
-        logits, states, buffers = fns[key][which](inputs, states, [b[:3] for b in buffers], offsets)
+            buffers.append((kv.keys, kv.values, bias.keys, mx.array(kv.offset, dtype=mx.int32)))
+        logits, states, buffers = fns[key](inputs, states, buffers)
         for layer, c in zip(self.layers, cache):
             if layer.layer_type == "ssd":
-                kept, offsets = states.pop(0)
-                if isinstance(c, SSDCache):
-                    c.record(kept, offsets, l)
-                else:
-                    c[0], c[1] = kept[-1], offsets[-1]
-                c.advance(l)
+                StateSpaceDuality.write(c, *states.pop(0), l)
                 continue
             kv, bias = c[0], c[1]
             kv.keys, kv.values, bias.keys = buffers.pop(0)
@@ -410,11 +398,10 @@ class Model(nn.Module):
             bias.offset += l
         return logits
 
-    def _step(self, inputs, states, buffers, offsets, which=()):
+    def _step(self, inputs, states, buffers):
         """``compiled_step``'s traced function: (tokens (b, l), [(S, offset)] per SSD layer,
-        [(keys, values, bias keys)] per attention layer, the distinct attention offsets; layer
-        i's is offsets[which[i]]) -> (logits, [(the states after each token (one for l = 1),
-        their offsets)], [(keys, values, bias keys)] updated)."""
+        [(keys, values, bias keys, offset)] per attention layer) -> (logits, [(the states after
+        each token (one for l = 1), their offsets)], [(keys, values, bias keys)] updated)."""
         l = inputs.shape[1]
         h = self.model.word_embed(inputs)
         states, buffers = list(states), list(buffers)
@@ -424,10 +411,9 @@ class Model(nn.Module):
             if layer.layer_type == "ssd":
                 state, offset = states.pop(0)
                 out, kept = layer.ssd.mix(x, state, offset, keep=l > 1)
-                new_states.append((kept, [(offset + k).astype(mx.int32) for k in range(l - len(kept) + 1, l + 1)]))
+                new_states.append((kept, StateSpaceDuality.kept_offsets(kept, offset, l)))
             else:
-                keys, values, bias = buffers.pop(0)
-                offset = offsets[which[len(new_buffers)]]
+                keys, values, bias, offset = buffers.pop(0)
                 kv = _StepBuffer(keys, values, offset)
                 b, Hm = bias.shape[:2]
                 bias_buf = _StepBuffer(bias, mx.zeros((b, Hm, bias.shape[2], 0), bias.dtype), offset)

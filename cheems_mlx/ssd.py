@@ -568,26 +568,38 @@ class StateSpaceDuality(nn.Module):
         return None if left is None else mx.maximum(left, 0).astype(mx.int32)
 
     @staticmethod
-    def store(cache, states, offset, l: int):
-        """Write the kept states into the cache with the RoPE position after each, advanced by
-        each row's true token count -- right padding (``lengths``, mlx-lm's BatchGenerator) and
-        left padding (``left_padding``) excluded, so a row's offset counts its own tokens as a
-        single-sequence cache would (an SSDCache records them for rollback)."""
+    def kept_offsets(states, offset, l: int, pad=None, lengths=None) -> List[mx.array]:
+        """The RoPE position after each kept state of an l-token call from ``offset``, advanced
+        by each row's true token count -- right padding (``lengths``, mlx-lm's BatchGenerator)
+        and left padding (``pad``, ``pads``) excluded, so a row's offset counts its own tokens
+        as a single-sequence cache would."""
         b = states[-1].shape[0]
-        pad = StateSpaceDuality.pads(cache)
         offsets = []
         for k in range(l - len(states) + 1, l + 1):
             advance = mx.full((b,), k, dtype=mx.int32)
             if pad is not None:  # left-padded batch: pads ahead of the real tokens
                 advance = mx.clip(advance - pad, 0, k)
-            if cache.lengths is not None:  # right-padded batch
-                advance = mx.minimum(advance, mx.clip(cache.lengths, 0, k))
+            if lengths is not None:  # right-padded batch
+                advance = mx.minimum(advance, mx.clip(lengths, 0, k))
             offsets.append((offset + advance).astype(mx.int32))
+        return offsets
+
+    @staticmethod
+    def write(cache, states, offsets, l: int):
+        """Set the cache to the last (state, offset) after an l-token call (an SSDCache records
+        them all for rollback) and advance its padding bookkeeping."""
         if isinstance(cache, SSDCache):
             cache.record(states, offsets, l)
         else:
             cache[0], cache[1] = states[-1], offsets[-1]
         cache.advance(l)
+
+    @staticmethod
+    def store(cache, states, offset, l: int):
+        """Write the kept states into the cache with the RoPE position after each
+        (``kept_offsets`` for the cache's padding, then ``write``)."""
+        offsets = StateSpaceDuality.kept_offsets(states, offset, l, StateSpaceDuality.pads(cache), cache.lengths)
+        StateSpaceDuality.write(cache, states, offsets, l)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         l = x.shape[1]
