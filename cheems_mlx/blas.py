@@ -134,7 +134,8 @@ def shim_cache_dir(environ) -> Path:
 def build_gemv_shim(environ) -> Optional[str]:
     """``gemv_shim.c`` built with the system C compiler (``$CC`` or cc / gcc / clang) into
     the user's cache folder, once per source text (a temporary file renamed into place, so
-    concurrent builds never see half a library); the path, or None without a compiler."""
+    concurrent builds never see half a library; a folder that cannot be written falls back to
+    the temporary one); the path, or None when no built copy exists and none can be built."""
     import hashlib
     import shutil
     import subprocess
@@ -144,13 +145,13 @@ def build_gemv_shim(environ) -> Optional[str]:
     if not src.exists():
         return None
     digest = hashlib.sha256(src.read_bytes() + platform.machine().encode()).hexdigest()[:16]
+    compiler = next((c for c in (environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     for folder in (shim_cache_dir(environ), Path(tempfile.gettempdir()) / f"cheems_mlx-{os.getuid()}"):
         target = folder / f"libcheems_gemv-{digest}.so"
         if target.exists():
             return str(target)
-        compiler = next((c for c in (environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
         if compiler is None:
-            return None
+            continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
@@ -181,6 +182,7 @@ def gemv_shim(blas_path: str, environ) -> Optional[str]:
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         lib.cheems_gemv_init.argtypes = [ctypes.c_char_p]
+        lib.cheems_gemv_routed.restype = ctypes.c_long
         if lib.cheems_gemv_init(os.fsencode(blas_path)) != 0:
             return None
     except (OSError, AttributeError):
@@ -194,7 +196,6 @@ def gemv_routed() -> Optional[int]:
     lib = _choice.get("shim_lib")
     if lib is None:
         return None
-    lib.cheems_gemv_routed.restype = ctypes.c_long
     return int(lib.cheems_gemv_routed())
 
 

@@ -45,7 +45,6 @@ Tensor parallel: ``DynamicMaskAttention.shard(group)`` splits the heads (and ``d
 over its input, then by mask heads); ``shard_problems(N)`` says what prevents it.
 """
 
-import os
 from typing import List, Optional
 
 import mlx.core as mx
@@ -225,16 +224,10 @@ def masked_attention(q, k, v, m, keep, scale) -> mx.array:
     s = s.reshape(b, Hkv, R, L, T)
     m = _grouped(m[:, :, None, :], Hkv, R)
     keep = None if keep is None else _grouped(keep, Hkv, R)
-    exp_scores = _exp_scores_compiled if compile_allowed() else _exp_scores
+    exp_scores = _exp_scores if fastmath.compile_mode() == "0" else _exp_scores_compiled
     e, denom = exp_scores(s, m, keep, mask_min(mx.float32))
     out = (e.astype(v.dtype).reshape(b, Hkv, R * L, T) @ v) / denom.reshape(b, Hkv, R * L, 1).astype(v.dtype)
     return out.reshape(b, H, L, P)
-
-
-def compile_allowed() -> bool:
-    """Whether small pure helpers may run ``mx.compile``d (MLX fuses their elementwise
-    operations into one kernel); ``CHEEMS_MLX_COMPILE=0`` runs every operation eagerly."""
-    return os.environ.get("CHEEMS_MLX_COMPILE", "1") != "0"
 
 
 def evaluate_now(x: mx.array) -> None:

@@ -7,9 +7,12 @@ MLPs are most of the non-matmul time. So exp(x) is written 2^(x log2 e) and
 silu(x) = x / (1 + 2^(-x log2 e)) -- the same functions to float32 rounding (the exponent's
 product rounds at ~|x| * 6e-8 relative), on the Metal backend too, where either form is
 memory-bound. ``swiglu`` is compiled shapeless, as mlx-lm's, so its three elementwise steps
-run as one kernel. This module is a leaf: it imports only MLX.
+run as one kernel. ``compile_mode`` reads ``CHEEMS_MLX_COMPILE``, which decides what else is
+compiled (``model.compiled_decode_enabled``, ``dma.masked_attention``). This module is a
+leaf: it imports only MLX.
 """
 
+import os
 from functools import partial
 
 import mlx.core as mx
@@ -29,3 +32,10 @@ def silu(x: mx.array) -> mx.array:
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up."""
     return silu(gate) * up
+
+
+def compile_mode() -> str:
+    """``CHEEMS_MLX_COMPILE``: "1" (the default: the whole model's decode step as one compiled
+    function, and the compiled helpers), "layers" (each layer's compiled decode functions
+    only) or "0" (every operation eager)."""
+    return os.environ.get("CHEEMS_MLX_COMPILE", "1").strip()

@@ -18,7 +18,6 @@ owns the stack only: each layer's math, cache and tensor-parallel split live in 
 module (ssd.py, dma.py, cdmoe.py), and nothing here imports the runtime that runs ranks.
 """
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
@@ -34,7 +33,7 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 
-from . import kernels
+from . import fastmath, kernels
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
 from .sharding import DistributedError, shard_vocab
@@ -168,7 +167,7 @@ def compiled_decode_enabled(training: bool = False, whole_model: bool = False) -
     the whole model's step as one function (``Model.compiled_step``), ``=layers`` only each
     ``DecoderLayer``'s compiled functions (the previous form, kept for profiling), ``=0``
     every operation eagerly."""
-    mode = os.environ.get("CHEEMS_MLX_COMPILE", "1").strip()
+    mode = fastmath.compile_mode()
     if training or mode == "0" or kernels.enabled():
         return False
     return mode != "layers" if whole_model else True
