@@ -20,8 +20,11 @@ What is loaded, first match wins:
 In front of the BLAS found, a small ``cblas_sgemm`` (``gemv_shim.c``, built once with the
 system C compiler into ``~/.cache/cheems_mlx``; ``CHEEMS_MLX_GEMV=0`` leaves it out) sends
 one-row products -- every weight product of a decode step -- to the BLAS's ``cblas_sgemv``:
-OpenBLAS runs them through its GEMM at about half the memory speed otherwise. Without a
-compiler the BLAS is loaded alone.
+OpenBLAS runs them through its GEMM at about half the memory speed otherwise; products of
+2-4 rows against a small matrix (a decode step's attention over its cache, a short
+verification of drafted tokens) go there a row at a time, and small ones run on one thread
+(the file's comment has the rules and measurements). Without a compiler the BLAS is loaded
+alone.
 Without any, one warning says the float32 matmuls run on the reference BLAS and how to
 get a fast one. ``in_use()`` names the library MLX's ``cblas_sgemm`` resolves to (the
 generate CLI prints it with ``--verbose``). On macOS MLX uses Accelerate and nothing here
