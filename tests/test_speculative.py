@@ -654,7 +654,6 @@ def test_server_prompt_cache_stores_a_speculative_cache_under_the_tokens_it_hold
 
 
 def test_server_with_prompt_lookup_answers_as_plain_greedy(default_model):
-
     from test_generation import post
 
     from cheems_mlx.loading import resolve_model_path
@@ -711,9 +710,6 @@ def test_server_rejects_bad_prompt_lookup_flags(extra, needle):
 
 def test_batched_server_requests_answer_as_plain_greedy(default_model):
     """Without a draft model or --prompt-lookup, concurrent requests share mlx-lm's batch."""
-
-    from test_generation import post
-
     from cheems_mlx.loading import resolve_model_path
     from conftest import served
 
