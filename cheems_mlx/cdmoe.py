@@ -77,8 +77,10 @@ class MLP(nn.Module):
 
 
 def topk_with_indices(scores: mx.array, k: int):
-    """Unordered top-k along the last axis: (values, indices)."""
-    idx = mx.stop_gradient(mx.argpartition(-scores, k - 1, axis=-1)[..., :k])
+    """Unordered top-k along the last axis: (values, indices) -- the last k places of a
+    partition at n - k (no negated copy of the scores: one MLX operation less)."""
+    n = scores.shape[-1]
+    idx = mx.stop_gradient(mx.argpartition(scores, n - k, axis=-1)[..., n - k :])
     return mx.take_along_axis(scores, idx, axis=-1), idx
 
 

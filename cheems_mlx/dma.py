@@ -53,7 +53,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import create_causal_mask
 
 from . import fastmath, kernels
-from .rope import RotaryEmbedding, rope_cos_sin, rotate_half
+from .rope import RotaryEmbedding, rotate_step
 from .sharding import (
     GatheredInputsLinear,
     GatheredInputsQuantizedLinear,
@@ -539,9 +539,8 @@ class DynamicMaskAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if l == 1:  # decode: one cos / sin for q and k
-            cos_sin = rope_cos_sin(self.rope, b, l, P, offset)[:, None]  # (b, 1, 1, P)
-            return rotate_half(q, cos_sin), rotate_half(k, cos_sin), v, bias
+        if l == 1:  # decode: few operations (rotate_step)
+            return (*rotate_step(self.rope, (q, k), offset, 2), v, bias)
         return self.rope(q, offset), self.rope(k, offset), v, bias
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:

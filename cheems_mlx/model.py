@@ -18,6 +18,7 @@ owns the stack only: each layer's math, cache and tensor-parallel split live in 
 module (ssd.py, dma.py, cdmoe.py), and nothing here imports the runtime that runs ranks.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
@@ -36,6 +37,7 @@ from mlx_lm.models.cache import (
 from . import fastmath, kernels
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
+from .rope import shared_rotations
 from .sharding import DistributedError, shard_vocab
 from .ssd import SSDCache, StateSpaceDuality
 
@@ -265,16 +267,21 @@ class _StepBuffer:
     the buffer being donated), and the mask of the keys written so far (KVCache's
     ``make_mask`` semantics for queries at positions ``offset``, ``offset + 1``, ...)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, masks: Optional[dict] = None):
         self.keys, self.values, self.offset = keys, values, offset
+        self.masks = {} if masks is None else masks  # shared by buffers of one offset
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None) -> mx.array:
         """(N, T) bool: query i (at position offset + i) sees the written keys up to its own."""
+        key = (id(self.offset), N, self.keys.shape[2], window_size)
+        if key in self.masks:
+            return self.masks[key][1]
         pos = mx.arange(self.keys.shape[2])
         rows = self.offset + mx.arange(N)[:, None]
         valid = pos <= rows
         if window_size is not None:
             valid = valid & (pos > rows - window_size)
+        self.masks[key] = (self.offset, valid)  # holds the offset: its id stays unique
         return valid
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -367,11 +374,14 @@ class Model(nn.Module):
         attention buffers grow by ``KVCache.step`` keys (a new trace every 256 tokens), and
         their unwritten keys are masked. Equal to the layer-by-layer path to float32 rounding
         (tests/test_model_consistency.py)."""
-        key = self.vocab_limit
+        l = inputs.shape[1]
+        # the attention layers at one offset (as ever but after a mismatched cache is put
+        # together): one offset input, so their masks and RoPE angles are formed once
+        offsets = {c[0].offset for layer, c in zip(self.layers, cache) if layer.layer_type == "attn"}
+        key = (self.vocab_limit, len(offsets) <= 1)
         fns = self.__dict__.setdefault("_step_fns", {})
         if key not in fns:
-            fns[key] = mx.compile(self._step, inputs=self.state)
-        l = inputs.shape[1]
+            fns[key] = mx.compile(functools.partial(self._step, shared_offset=key[1]), inputs=self.state)
         states, buffers = [], []
         for layer, c in zip(self.layers, cache):
             if layer.layer_type == "ssd":
@@ -397,14 +407,22 @@ class Model(nn.Module):
             bias.offset += l
         return logits
 
-    def _step(self, inputs, states, buffers):
+    def _step(self, inputs, states, buffers, shared_offset: bool = False):
         """``compiled_step``'s traced function: (tokens (b, l), [(S, offset)] per SSD layer,
         [(keys, values, bias keys, offset)] per attention layer) -> (logits, [(the states after
-        each token (one for l = 1), their offsets)], [(keys, values, bias keys)] updated)."""
+        each token (one for l = 1), their offsets)], [(keys, values, bias keys)] updated).
+        ``shared_offset``: the attention offsets are equal, and the first one serves all (one
+        array, so the compiled graph forms their masks and RoPE angles once)."""
         l = inputs.shape[1]
         h = self.model.word_embed(inputs)
         states, buffers = list(states), list(buffers)
-        new_states, new_buffers = [], []
+        if shared_offset and buffers:
+            buffers = [(*buf[:3], buffers[0][3]) for buf in buffers]
+        with shared_rotations():
+            return self._step_layers(h, l, states, buffers)
+
+    def _step_layers(self, h, l, states, buffers):
+        new_states, new_buffers, masks = [], [], {}
         for layer in self.layers:
             x = layer.pre_sequence_layernorm(h)
             if layer.layer_type == "ssd":
@@ -413,9 +431,9 @@ class Model(nn.Module):
                 new_states.append((kept, StateSpaceDuality.kept_offsets(kept, offset, l)))
             else:
                 keys, values, bias, offset = buffers.pop(0)
-                kv = _StepBuffer(keys, values, offset)
+                kv = _StepBuffer(keys, values, offset, masks)
                 b, Hm = bias.shape[:2]
-                bias_buf = _StepBuffer(bias, mx.zeros((b, Hm, bias.shape[2], 0), bias.dtype), offset)
+                bias_buf = _StepBuffer(bias, mx.zeros((b, Hm, bias.shape[2], 0), bias.dtype), offset, masks)
                 out = layer.attn(x, (kv, bias_buf))
                 new_buffers.append((kv.keys, kv.values, bias_buf.keys))
             h = layer.after_mixer(h, out)

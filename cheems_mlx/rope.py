@@ -3,10 +3,14 @@
 Rotate-half layout (``traditional=False``), positions given by a cache offset that may be
 an int or an ``(batch,)`` array (mlx-lm's batched caches keep one offset per row).
 ``rope_cos_sin`` reads the rotation off at given positions (the Metal kernels' input, and
-a decode step's one cos / sin for two arrays, applied by ``rotate_half``).
+a decode step's one cos / sin for two arrays, applied by ``rotate_half``); ``rotate_step``
+rotates a decode step's arrays, for plain RoPE in one fused elementwise kernel each.
 """
 
-from typing import Optional, Union
+import contextlib
+import math
+import threading
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,3 +83,76 @@ def rotate_half(x: mx.array, cos_sin: mx.array) -> mx.array:
     cos, sin = cos_sin[..., :half], cos_sin[..., half:]
     x1, x2 = x[..., :half], x[..., half:]
     return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+_SIGNS = {}  # dtype -> [[-1], [1]]: the signs of the swapped halves' sine terms
+_SHARED = threading.local()  # .memo: rotate_step's angles inside shared_rotations()
+
+
+@contextlib.contextmanager
+def shared_rotations():
+    """Inside this block ``rotate_step`` forms the cos / sin of one offset array (the same
+    object), rope and layout once and reuses them: a traced decode step whose attention
+    layers share one offset computes them once, not once a layer."""
+    previous = getattr(_SHARED, "memo", None)
+    _SHARED.memo = {}
+    try:
+        yield
+    finally:
+        _SHARED.memo = previous
+
+
+def rope_inv_freq(rope: RotaryEmbedding) -> Optional[mx.array]:
+    """The inverse frequencies of a plain RoPE (mlx's ``nn.RoPE``, rotate-half, over the whole
+    head) as ``mx.fast.rope`` forms them -- exp(-i * log(base) / (dims / 2)), i = 0 .. dims/2 - 1,
+    in float32 -- computed once; None for the scaled variants (llama3, yarn, dynamic NTK)."""
+    r = rope._rope
+    if type(r) is not nn.RoPE or r.traditional:
+        return None
+    inv = rope.__dict__.get("_inv_freq")
+    if inv is None:
+        half = r.dims // 2
+        inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(r.base) / half))
+        mx.eval(inv)
+        object.__setattr__(rope, "_inv_freq", inv)  # not a parameter: outside the module tree
+    return inv
+
+
+def rotate_step(rope: RotaryEmbedding, xs: Sequence[mx.array], offset, seq_axis: int) -> list:
+    """RoPE of a decode step's arrays (each (b, ..., P) with the l positions on ``seq_axis``,
+    offset an int or a () / (b,) array), as ``rope(x, offset)`` rotates them. For a plain RoPE
+    each array is one fused elementwise kernel under ``mx.compile`` -- the angles (positions
+    times ``rope_inv_freq``), their cos / sin and the rotate-half products, the products in
+    ``mx.fast.rope``'s order (x1 cos - x2 sin, x2 cos + x1 sin) -- instead of reading the
+    rotation off a probe and slicing and joining halves (a dozen MLX operations a layer on a
+    CPU where each costs microseconds); other kinds go through ``rope_cos_sin``."""
+    x0 = xs[0]
+    b, l, P = x0.shape[0], x0.shape[seq_axis], x0.shape[-1]
+    inv = rope_inv_freq(rope) if P == rope.dims else None
+    if inv is None:
+        cos_sin = rope_cos_sin(rope, b, l, P, offset)  # (b, l, P)
+        cos_sin = cos_sin.reshape(b, *[l if a == seq_axis else 1 for a in range(1, x0.ndim - 1)], P)
+        return [rotate_half(x, cos_sin) for x in xs]
+    memo = getattr(_SHARED, "memo", None) if isinstance(offset, mx.array) else None
+    key = (id(offset), rope.dims, rope._rope.base, rope._rope.scale, l, seq_axis, x0.ndim)
+    if memo is not None and key in memo:
+        theta = memo[key][1]
+    else:
+        pos = mx.array(offset, dtype=mx.int32) if isinstance(offset, int) else offset
+        rows = 1 if pos.ndim == 0 else pos.shape[0]
+        pos = pos.reshape(rows, 1)
+        if l > 1:
+            pos = pos + mx.arange(l, dtype=pos.dtype)
+        # (rows, .., l, .., 1, 1): broadcast against (b, .., 2, P/2)
+        pos = pos.reshape(rows, *[l if a == seq_axis else 1 for a in range(1, x0.ndim - 1)], 1, 1)
+        theta = (pos.astype(mx.float32) * rope._rope.scale) * inv
+        if memo is not None:
+            memo[key] = (offset, theta)  # holds the offset: its id stays unique while in use
+    out = []
+    for x in xs:
+        if x.dtype not in _SIGNS:
+            _SIGNS[x.dtype] = mx.array([[-1.0], [1.0]], dtype=x.dtype)
+        halves = x.reshape(*x.shape[:-1], 2, P // 2)
+        cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)
+        out.append((halves * cos + halves[..., ::-1, :] * (_SIGNS[x.dtype] * sin)).reshape(x.shape))
+    return out

@@ -46,7 +46,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.cache import ArraysCache
 
 from . import kernels
-from .rope import RotaryEmbedding, rope_cos_sin, rotate_half
+from .rope import RotaryEmbedding, rope_cos_sin, rotate_step
 from .sharding import split_inputs_problems
 
 
@@ -539,9 +539,8 @@ class StateSpaceDuality(nn.Module):
             y, state = out
             states = [state]
         else:
-            if self.rope is not None and l == 1:  # decode: one cos / sin for B and C
-                cos_sin = rope_cos_sin(self.rope, b, l, P, offset)[:, :, None, :]  # (b, 1, 1, P)
-                C, B = rotate_half(C, cos_sin), rotate_half(B, cos_sin)
+            if self.rope is not None and l == 1:  # decode: few operations (rotate_step)
+                C, B = rotate_step(self.rope, (C, B), offset, 1)
             elif self.rope is not None:
                 C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
                 B = self.rope(B.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)

@@ -218,3 +218,27 @@ def test_whole_step_buffers_grow_and_roll_back_like_the_layer_path(monkeypatch):
     ref = np.array(model(ids))[:, 250:262]
     got = np.array(mx.concatenate(got, axis=1))
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())  # chunked scan vs steps: rounding
+
+
+def test_whole_step_with_attention_layers_at_different_offsets(monkeypatch):
+    """The whole-model step forms one mask and one set of RoPE angles when the attention
+    layers stand at one offset (as they do after any normal call); a cache whose attention
+    layers disagree (one layer's K/V trimmed by hand) takes a trace with an offset per layer
+    and must give the logits of the eager path (CHEEMS_MLX_COMPILE=0) on the same cache."""
+    args = hybrid_args()
+    model = random_model(args, seed=4)
+    model.eval()
+    ids = mx.random.randint(0, args.vocab_size, (2, 16))
+
+    def decode(compiled):
+        monkeypatch.setenv("CHEEMS_MLX_COMPILE", "1" if compiled else "0")
+        cache = model.make_cache()
+        model(ids[:, :10], cache=cache)
+        for kv in cache[3]:  # the second attention layer two keys behind the first
+            kv.trim(2)
+        out = [model(ids[:, t : t + 1], cache=cache) for t in range(10, 16)]
+        return np.array(mx.concatenate(out, axis=1))
+
+    eager, compiled = decode(False), decode(True)
+    assert list(model.__dict__["_step_fns"]) == [(None, False)]
+    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
