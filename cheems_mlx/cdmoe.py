@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear, sum_gradients
 
-from . import fastmath, kernels
+from . import fastmath, kernels, projections
 from .sharding import ranges, slice_rows, split_inputs_problems
 
 ROUTERS = ("queries", "router_gate")
@@ -51,6 +51,9 @@ ROUTINGS = ("per_token", "transformers_reshape")
 
 
 class MLP(nn.Module):
+    # gate / up, one product inside the whole-model step (projections.py)
+    JOINED = ("_joined_gate_up", ("gate_proj", "up_proj"))
+
     def __init__(self, args):
         super().__init__()
         d, F, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
@@ -59,7 +62,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(F, d, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(fastmath.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(fastmath.swiglu(*projections.project(self, *self.JOINED, x)))
 
     def shard_problems(self, N: int) -> List[str]:
         """What prevents splitting this layer over N ranks (empty when it can be split)."""

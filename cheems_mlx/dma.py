@@ -52,7 +52,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import create_causal_mask
 
-from . import fastmath, kernels
+from . import fastmath, kernels, projections
 from .rope import RotaryEmbedding, rotate_step
 from .sharding import (
     GatheredInputsLinear,
@@ -467,6 +467,9 @@ def dma_decode_self_check(T=mx.float32, P=16, REP=1, MASK_PER_HEAD=False, NSG=DE
 
 
 class DynamicMaskAttention(nn.Module):
+    # q / k / v, one product inside the whole-model step (projections.py)
+    JOINED = ("_joined_qkv", ("q_proj", "k_proj", "v_proj"))
+
     def __init__(self, args):
         super().__init__()
         d = args.hidden_size
@@ -531,9 +534,8 @@ class DynamicMaskAttention(nn.Module):
         bias m. x: (b, l, d) -> q (b, H, l, P), k / v (b, Hkv, l, P), bias (b, Hm, l)."""
         b, l, _ = x.shape
         H, Hkv, P = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, l, H, P)
-        k = self.k_proj(x).reshape(b, l, Hkv, P)
-        v = self.v_proj(x)
+        q, k, v = projections.project(self, *self.JOINED, x)
+        q, k = q.reshape(b, l, H, P), k.reshape(b, l, Hkv, P)
         bias = self.key_bias(v)  # (b, Hm, l)
         v = v.reshape(b, l, Hkv, P)
         if self.qk_norm:

@@ -34,7 +34,7 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 
-from . import fastmath, kernels
+from . import fastmath, kernels, projections
 from .cdmoe import CDMoE, MLP
 from .dma import MASK_RULES, DynamicMaskAttention
 from .rope import shared_rotations
@@ -380,6 +380,9 @@ class Model(nn.Module):
         offsets = {c[0].offset for layer, c in zip(self.layers, cache) if layer.layer_type == "attn"}
         key = (self.vocab_limit, len(offsets) <= 1)
         fns = self.__dict__.setdefault("_step_fns", {})
+        groups = self.projection_groups()
+        if projections.refresh(groups):
+            fns.clear()  # the traces hold the joined weights they were made with
         if key not in fns:
             fns[key] = mx.compile(functools.partial(self._step, shared_offset=key[1]), inputs=self.state)
         states, buffers = [], []
@@ -396,7 +399,9 @@ class Model(nn.Module):
                     vals = buf.values[..., : buf.offset, :]
                     buf.values = mx.concatenate([vals, mx.zeros((b, h, buf.step, vals.shape[-1]), vals.dtype)], axis=2)
             buffers.append((kv.keys, kv.values, bias.keys, mx.array(kv.offset, dtype=mx.int32)))
-        logits, states, buffers = fns[key](inputs, states, buffers)
+        with projections.joined():
+            logits, states, buffers = fns[key](inputs, states, buffers)
+        projections.remember(groups)
         for layer, c in zip(self.layers, cache):
             if layer.layer_type == "ssd":
                 StateSpaceDuality.write(c, *states.pop(0), l)
@@ -406,6 +411,11 @@ class Model(nn.Module):
             kv.offset += l
             bias.offset += l
         return logits
+
+    def projection_groups(self) -> list:
+        """The Linear layers of one input that the whole-model step multiplies as one
+        (``projections``): per layer the mixer's and the feed-forward's ``JOINED`` group."""
+        return [(m, *m.JOINED) for layer in self.layers for m in (layer.mixer, layer.feed_forward)]
 
     def _step(self, inputs, states, buffers, shared_offset: bool = False):
         """``compiled_step``'s traced function: (tokens (b, l), [(S, offset)] per SSD layer,

@@ -45,7 +45,7 @@ import mlx_lm.models.cache as _mlx_lm_cache
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.cache import ArraysCache
 
-from . import kernels
+from . import kernels, projections
 from .rope import RotaryEmbedding, rope_cos_sin, rotate_step
 from .sharding import split_inputs_problems
 
@@ -486,6 +486,9 @@ _mlx_lm_cache.SSDCache = SSDCache
 
 
 class StateSpaceDuality(nn.Module):
+    # the projections of the input, one product inside the whole-model step (projections.py)
+    JOINED = ("_joined_in", ("c_proj", "b_proj", "x_proj", "dt_proj"))
+
     def __init__(self, args):
         super().__init__()
         d, H, P = args.hidden_size, args.num_attention_heads, args.head_dim
@@ -527,10 +530,9 @@ class StateSpaceDuality(nn.Module):
         if mask is not None:
             x = mx.where(mask[..., None], x, 0)
 
-        C = self.c_proj(x).reshape(b, l, H, P)
-        B = self.b_proj(x).reshape(b, l, H, P)
-        X = self.x_proj(x).reshape(b, l, H, P)
-        dt = nn.softplus(self.dt_proj(x).astype(mx.float32))  # (b, l, H)
+        C, B, X, dt = projections.project(self, *self.JOINED, x)
+        C, B, X = C.reshape(b, l, H, P), B.reshape(b, l, H, P), X.reshape(b, l, H, P)
+        dt = nn.softplus(dt.astype(mx.float32))  # (b, l, H)
 
         out = None
         if use_kernels and not keep:  # RoPE on B and C fused into the kernels

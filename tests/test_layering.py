@@ -16,7 +16,7 @@ PACKAGES = {"cheems_mlx": ROOT / "cheems_mlx", "cheems_mlx.convert": ROOT / "con
             "cheems_mlx.metal_kernels": ROOT / "metal_kernels"}
 
 LAYERS = [
-    ("leaves", ["cheems_mlx.blas", "cheems_mlx.fastmath", "cheems_mlx.rope", "cheems_mlx.kernels", "cheems_mlx.metal_kernels", "cheems_mlx.io",
+    ("leaves", ["cheems_mlx.blas", "cheems_mlx.fastmath", "cheems_mlx.rope", "cheems_mlx.projections", "cheems_mlx.kernels", "cheems_mlx.metal_kernels", "cheems_mlx.io",
                 "cheems_mlx.plots", "cheems_mlx.quantize", "cheems_mlx.sharding", "cheems_mlx.synthetic",
                 "cheems_mlx.convert", "cheems_mlx.convert.formats"]),
     ("matrices", ["cheems_mlx.ssd", "cheems_mlx.dma", "cheems_mlx.cdmoe"]),

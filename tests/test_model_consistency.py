@@ -242,3 +242,63 @@ def test_whole_step_with_attention_layers_at_different_offsets(monkeypatch):
     eager, compiled = decode(False), decode(True)
     assert list(model.__dict__["_step_fns"]) == [(None, False)]
     assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+
+
+def test_joined_projections_follow_weight_changes_and_share_memory(monkeypatch):
+    """The whole-model step multiplies C/B/X/dt, q/k/v and gate/up as one product each
+    (projections.py). Against the eager path (every Linear on its own): the same logits
+    after the step has joined them; after a projection's weight is replaced (as a fine-tune
+    or load_weights does) and after one is wrapped in LoRA (left unjoined); and the joined
+    weights take no second copy: the layers' weights become views of them, so MLX's active
+    memory grows by far less than the projections' own bytes."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    args = hybrid_args(is_moe=False)
+    model = random_model(args, seed=6)
+    model.eval()
+    ids = mx.random.randint(0, args.vocab_size, (2, 20))
+    proj_bytes = sum(m[a].weight.nbytes for m, _, attrs in model.projection_groups() for a in attrs)
+
+    def decode(compiled, edit=None):
+        monkeypatch.setenv("CHEEMS_MLX_COMPILE", "1" if compiled else "0")
+        cache = model.make_cache()
+        model(ids[:, :10], cache=cache)
+        out = [model(ids[:, t : t + 1], cache=cache) for t in range(10, 14)]
+        if edit:
+            edit()
+        out += [model(ids[:, t : t + 1], cache=cache) for t in range(14, 20)]
+        return np.array(mx.concatenate(out, axis=1))
+
+    mx.eval(model.parameters())
+    before = mx.get_active_memory()
+    compiled = decode(True)
+    assert model.layers[1].attn.__dict__["_joined_qkv"][1] is not None
+    assert mx.get_active_memory() - before < 0.25 * proj_bytes
+    assert np.abs(compiled - decode(False)).max() <= 1e-5 * max(1.0, np.abs(compiled).max())
+    joins = [m.__dict__[name][1] for m, name, _ in model.projection_groups()]
+    decode(True)  # steady state: a trace hands the parameters back as new objects, no re-join
+    assert all(m.__dict__[name][1] is j for (m, name, _), j in zip(model.projection_groups(), joins))
+
+    attn, ssd, mlp = model.layers[1].attn, model.layers[0].ssd, model.layers[2].feed_forward
+    originals = (attn.q_proj.weight, ssd.dt_proj.weight, mlp.up_proj.weight)
+
+    def change():
+        attn.q_proj.weight = originals[0] * 1.5
+        ssd.dt_proj.weight = originals[1] * -2.0
+        mlp.up_proj.weight = originals[2] + 0.1
+
+    def restore():
+        attn.q_proj.weight, ssd.dt_proj.weight, mlp.up_proj.weight = originals
+
+    compiled = decode(True, change)
+    restore()
+    eager = decode(False, change)
+    restore()
+    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+
+    lora = LoRALinear.from_base(attn.k_proj, r=4)
+    lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+    attn.k_proj = lora
+    compiled, eager = decode(True), decode(False)
+    assert attn.__dict__["_joined_qkv"][1] is None  # a LoRA layer: its group stays apart
+    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
