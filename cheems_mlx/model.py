@@ -213,8 +213,12 @@ class DecoderLayer(nn.Module):
         h = self.post_sequence_residual(h, update)
         return self.post_state_residual(h, self.feed_forward(self.pre_state_layernorm(h)))
 
-    def decode_compilable(self, cache) -> bool:
-        if cache is None or not compiled_decode_enabled(self.training) or self.is_shard():
+    def decode_compilable(self, cache, enabled: Optional[bool] = None) -> bool:
+        """Whether this layer's decode step can run compiled with ``cache``; ``enabled``: the
+        caller has read ``compiled_decode_enabled`` already (the environment, once a step)."""
+        if enabled is None:
+            enabled = compiled_decode_enabled(self.training)
+        if cache is None or not enabled or self.is_shard():
             return False
         rope = self.mixer.rope
         if rope is not None and rope.kind == "dynamic":  # its base depends on offset.item()
@@ -351,7 +355,7 @@ class Model(nn.Module):
         if cache is None or len(cache) != len(self.layers) or not compiled_decode_enabled(self.training, True):
             return False
         for layer, c in zip(self.layers, cache):
-            if not layer.decode_compilable(c):
+            if not layer.decode_compilable(c, enabled=True):
                 return False
             if layer.layer_type == "attn":
                 if layer.attn.rule != "keep_window" or not isinstance(c, CacheList):

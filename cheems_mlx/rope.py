@@ -138,7 +138,7 @@ def rotate_step(rope: RotaryEmbedding, xs: Sequence[mx.array], offset, seq_axis:
     if memo is not None and key in memo:
         theta = memo[key][1]
     else:
-        pos = mx.array(offset, dtype=mx.int32) if isinstance(offset, int) else offset
+        pos = offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
         rows = 1 if pos.ndim == 0 else pos.shape[0]
         pos = pos.reshape(rows, 1)
         if l > 1:
