@@ -53,7 +53,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import create_causal_mask
 
 from . import fastmath, kernels, projections
-from .rope import RotaryEmbedding, rotate_step
+from .rope import SHORT_CALL, RotaryEmbedding, rotate_step
 from .sharding import (
     GatheredInputsLinear,
     GatheredInputsQuantizedLinear,
@@ -541,7 +541,7 @@ class DynamicMaskAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if l == 1:  # decode: few operations (rotate_step)
+        if l <= SHORT_CALL:  # a decode step / a verification of drafted tokens: few operations
             return (*rotate_step(self.rope, (q, k), offset, 2), v, bias)
         return self.rope(q, offset), self.rope(k, offset), v, bias
 

@@ -85,6 +85,9 @@ def rotate_half(x: mx.array, cos_sin: mx.array) -> mx.array:
     return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+# calls of up to this many positions (a decode step, the verification of drafted tokens) rotate
+# with ``rotate_step``: a few operations, cos / sin formed per element (cheap at this length)
+SHORT_CALL = 16
 _SIGNS = {}  # dtype -> [[-1], [1]]: the signs of the swapped halves' sine terms
 _SHARED = threading.local()  # .memo: rotate_step's angles inside shared_rotations()
 

@@ -46,7 +46,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.cache import ArraysCache
 
 from . import kernels, projections
-from .rope import RotaryEmbedding, rope_cos_sin, rotate_step
+from .rope import SHORT_CALL, RotaryEmbedding, rope_cos_sin, rotate_step
 from .sharding import split_inputs_problems
 
 
@@ -541,7 +541,7 @@ class StateSpaceDuality(nn.Module):
             y, state = out
             states = [state]
         else:
-            if self.rope is not None and l == 1:  # decode: few operations (rotate_step)
+            if self.rope is not None and l <= SHORT_CALL:  # a decode step / a verification: few operations
                 C, B = rotate_step(self.rope, (C, B), offset, 1)
             elif self.rope is not None:
                 C = self.rope(C.transpose(0, 2, 1, 3), offset).transpose(0, 2, 1, 3)
