@@ -3,8 +3,9 @@
 Rotate-half layout (``traditional=False``), positions given by a cache offset that may be
 an int or an ``(batch,)`` array (mlx-lm's batched caches keep one offset per row).
 ``rope_cos_sin`` reads the rotation off at given positions (the Metal kernels' input, and
-a decode step's one cos / sin for two arrays, applied by ``rotate_half``); ``rotate_step``
-rotates a decode step's arrays, for plain RoPE in one fused elementwise kernel each.
+the probe path's cos / sin, applied by ``rotate_half``); ``rotate_step`` rotates the arrays of
+a decode step or a short call (up to ``SHORT_CALL`` positions), for plain RoPE in one fused
+elementwise kernel each.
 """
 
 import contextlib
@@ -122,11 +123,11 @@ def rope_inv_freq(rope: RotaryEmbedding) -> Optional[mx.array]:
 
 
 def rotate_step(rope: RotaryEmbedding, xs: Sequence[mx.array], offset, seq_axis: int) -> list:
-    """RoPE of a decode step's arrays (each (b, ..., P) with the l positions on ``seq_axis``,
-    offset an int or a () / (b,) array), as ``rope(x, offset)`` rotates them. For a plain RoPE
-    each array is one fused elementwise kernel under ``mx.compile`` -- the angles (positions
-    times ``rope_inv_freq``), their cos / sin and the rotate-half products, the products in
-    ``mx.fast.rope``'s order (x1 cos - x2 sin, x2 cos + x1 sin) -- instead of reading the
+    """RoPE of a decode step's or a short call's arrays (each (b, ..., P) with the l positions
+    on ``seq_axis``, offset an int or a () / (b,) array), as ``rope(x, offset)`` rotates them.
+    For a plain RoPE each array is one fused elementwise kernel under ``mx.compile`` -- the
+    angles (positions times ``rope_inv_freq``), their cos / sin and the rotate-half products,
+    in ``mx.fast.rope``'s order (x1 cos - x2 sin, x2 cos + x1 sin) -- instead of reading the
     rotation off a probe and slicing and joining halves (a dozen MLX operations a layer on a
     CPU where each costs microseconds); other kinds go through ``rope_cos_sin``."""
     x0 = xs[0]
