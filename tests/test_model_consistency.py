@@ -12,6 +12,7 @@ Tolerance: 1e-4 * max(1, max|ref|) -- float32, the paths differ in summation ord
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import max_rel_err
 from mlx_lm.generate import BatchGenerator, generate_step
 
 from cheems_mlx.model import Model, ModelArgs
@@ -193,7 +194,7 @@ def test_compiled_decode_step_equals_the_eager_one(overrides, cache_kw, path, mo
     took = ("whole step" if model.__dict__.get("_step_fns") else
             "layers" if all("_decode_fns" in layer.__dict__ for layer in model.layers) else "eager")
     assert took == path
-    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+    assert max_rel_err(compiled, eager) <= 1e-5
 
 
 def test_whole_step_buffers_grow_and_roll_back_like_the_layer_path(monkeypatch):
@@ -217,7 +218,7 @@ def test_whole_step_buffers_grow_and_roll_back_like_the_layer_path(monkeypatch):
     got += [model(ids[:, t : t + 1], cache=cache) for t in range(258, 262)]
     ref = np.array(model(ids))[:, 250:262]
     got = np.array(mx.concatenate(got, axis=1))
-    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())  # chunked scan vs steps: rounding
+    assert max_rel_err(got, ref) <= 1e-4  # chunked scan vs steps: rounding
 
 
 def test_whole_step_with_attention_layers_at_different_offsets(monkeypatch):
@@ -241,7 +242,7 @@ def test_whole_step_with_attention_layers_at_different_offsets(monkeypatch):
 
     eager, compiled = decode(False), decode(True)
     assert list(model.__dict__["_step_fns"]) == [(None, False)]
-    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+    assert max_rel_err(compiled, eager) <= 1e-5
 
 
 def test_joined_projections_follow_weight_changes_and_share_memory(monkeypatch):
@@ -274,7 +275,7 @@ def test_joined_projections_follow_weight_changes_and_share_memory(monkeypatch):
     compiled = decode(True)
     assert model.layers[1].attn.__dict__["_joined_qkv"][1] is not None
     assert mx.get_active_memory() - before < 0.25 * proj_bytes
-    assert np.abs(compiled - decode(False)).max() <= 1e-5 * max(1.0, np.abs(compiled).max())
+    assert max_rel_err(decode(False), compiled) <= 1e-5
     joins = [m.__dict__[name][1] for m, name, _ in model.projection_groups()]
     decode(True)  # steady state: a trace hands the parameters back as new objects, no re-join
     assert all(m.__dict__[name][1] is j for (m, name, _), j in zip(model.projection_groups(), joins))
@@ -294,11 +295,11 @@ def test_joined_projections_follow_weight_changes_and_share_memory(monkeypatch):
     restore()
     eager = decode(False, change)
     restore()
-    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+    assert max_rel_err(compiled, eager) <= 1e-5
 
     lora = LoRALinear.from_base(attn.k_proj, r=4)
     lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
     attn.k_proj = lora
     compiled, eager = decode(True), decode(False)
     assert attn.__dict__["_joined_qkv"][1] is None  # a LoRA layer: its group stays apart
-    assert np.abs(compiled - eager).max() <= 1e-5 * max(1.0, np.abs(eager).max())
+    assert max_rel_err(compiled, eager) <= 1e-5
