@@ -31,19 +31,19 @@ class Joined:
 
     def __init__(self, owner: nn.Module, attrs: Sequence[str]):
         linears = [owner[a] for a in attrs]
-        self.sizes = [lin["weight"].shape[0] for lin in linears]
+        sizes = [lin["weight"].shape[0] for lin in linears]
         self.weight = mx.concatenate([lin["weight"] for lin in linears], axis=0)
         has_bias = "bias" in linears[0]
         self.bias = mx.concatenate([lin["bias"] for lin in linears]) if has_bias else None
         mx.eval(self.weight, *([] if self.bias is None else [self.bias]))
         start = 0
-        for lin, n in zip(linears, self.sizes):  # the layers' weights become views of it
+        for lin, n in zip(linears, sizes):  # the layers' weights become views of it
             lin.weight = self.weight[start : start + n]
             if has_bias:
                 lin.bias = self.bias[start : start + n]
             start += n
         mx.eval([lin.parameters() for lin in linears])
-        self.splits = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
+        self.splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
 
 
 def joinable(owner: nn.Module, attrs: Sequence[str]) -> bool:
